@@ -1,0 +1,16 @@
+PY := .venv/bin/python
+VENV_STAMP := .venv/.installed
+
+.PHONY: test demo bench clean
+
+$(VENV_STAMP): requirements.txt
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	touch $(VENV_STAMP)
+
+test: $(VENV_STAMP)
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf runs .pytest_cache

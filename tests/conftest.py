@@ -1,0 +1,47 @@
+"""Shared fixtures: a tiny SentencePiece tokenizer with Meta's special ids, and tiny model shapes.
+
+Everything a test needs is made here, on the fly: no downloads, no real weights.
+"""
+import os
+import random
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+WORDS = ("the a of to and in is was for on with as by at from that this it be are were "
+         "user assistant system answer question model paris london river city year born "
+         "works apple banana sort reverse add plus minus zero one two three four five six "
+         "seven eight nine ten red green blue stance positive negative neutral code def "
+         "return print python summary meeting").split()
+
+
+def make_spm(prefix: str, vocab_size: int = 320, seed: int = 0) -> str:
+    """Train a SentencePiece model laid out like LLaMA's: unk 0, bos 1, eos 2, no pad,
+    byte fallback (so newlines and any unicode round-trip)."""
+    import sentencepiece as spm
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(3000):
+        lines.append(" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))))
+    lines += ["<|user|>", "<|assistant|>", "<|system|>", "Q: A: 0123456789 .,!?:;()[]{}=+-*/"]
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_prefix=prefix, vocab_size=vocab_size,
+        model_type="bpe", unk_id=0, bos_id=1, eos_id=2, pad_id=-1, byte_fallback=True,
+        character_coverage=1.0, num_threads=1, minloglevel=2)
+    return prefix + ".model"
+
+
+@pytest.fixture(scope="session")
+def spm_path(tmp_path_factory):
+    return make_spm(str(tmp_path_factory.mktemp("spm") / "tokenizer"))
+
+
+@pytest.fixture
+def tiny_args():
+    from model import ModelArgs
+    return ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=320, multiple_of=32, max_seq_len=64)

@@ -1,0 +1,412 @@
+"""data.py: templates, label masks, readers, truncation, the step sampler, loss normalisation, DPO,
+and every data error. Fixture files are written here in each format."""
+import dataclasses
+import json
+import math
+import random
+import re
+
+import pytest
+import torch
+
+import data
+from conftest import WORDS
+from data import IGNORE_INDEX, DataError
+
+
+@pytest.fixture(scope="module")
+def llama_spm(tmp_path_factory):
+    """A tokenizer laid out like LLaMA-2's: no normalisation, whitespace kept, digits split, byte
+    fallback, so "\\n" is the byte piece <0x0A> and decodes back to a newline."""
+    import sentencepiece as spm
+    rng = random.Random(0)
+    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) for _ in range(3000)]
+    lines += ["<|user|>", "<|assistant|>", "<|system|>", "Q: A: 0123456789 .,!?:;()[]{}=+-*/"]
+    prefix = str(tmp_path_factory.mktemp("llama_spm") / "tokenizer")
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_prefix=prefix, vocab_size=512, model_type="bpe",
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, byte_fallback=True, character_coverage=1.0,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True,
+        allow_whitespace_only_pieces=True, num_threads=1, minloglevel=2)
+    return prefix + ".model"
+
+
+@pytest.fixture(scope="module")
+def tok(llama_spm):
+    return data.Tokenizer(llama_spm)
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return str(path)
+
+
+SYS = {"role": "system", "content": "be brief"}
+U1 = {"role": "user", "content": "where is paris"}
+A1 = {"role": "assistant", "content": "paris is a city on the river"}
+U2 = {"role": "user", "content": "and london?"}
+A2 = {"role": "assistant", "content": "  london is a city too\n"}  # stripped, as open-instruct does
+CONV = [SYS, U1, A1, U2, A2]
+
+
+def target_spans(labels):
+    """Contiguous runs of positions whose label is not IGNORE_INDEX."""
+    spans, start = [], None
+    for i, x in enumerate(labels + [IGNORE_INDEX]):
+        if x != IGNORE_INDEX and start is None:
+            start = i
+        elif x == IGNORE_INDEX and start is not None:
+            spans.append((start, i))
+            start = None
+    return spans
+
+
+def test_tokenizer_meta_api(tok, llama_spm, tmp_path):
+    assert (tok.n_words, tok.bos_id, tok.eos_id, tok.pad_id) == (512, 1, 2, -1)
+    s = "<|user|>\nthe city\n\n  of paris"
+    ids = tok.encode(s, bos=True, eos=True)
+    assert ids[0] == 1 and ids[-1] == 2 and tok.decode(ids) == s
+    # The eos piece written as text is the eos id (HF's LlamaTokenizer behaviour), unless special=False.
+    assert tok.encode("a city</s>", bos=False, eos=False)[-1] == tok.eos_id
+    literal = tok.encode("a city</s>", bos=False, eos=False, special=False)
+    assert tok.eos_id not in literal and tok.decode(literal) == "a city</s>"
+    with pytest.raises(FileNotFoundError, match="nowhere/tokenizer.model"):
+        data.Tokenizer(str(tmp_path / "nowhere" / "tokenizer.model"))
+    junk = tmp_path / "junk.model"
+    junk.write_bytes(b"not a sentencepiece model")
+    with pytest.raises(ValueError, match="junk.model"):
+        data.Tokenizer(str(junk))
+
+
+def test_chat_template_strings():
+    assert data.chat_segments(CONV) == [
+        ("<|system|>\nbe brief\n", False),
+        ("<|user|>\nwhere is paris\n", False),
+        ("<|assistant|>\n", False), ("paris is a city on the river</s>", True), ("\n", False),
+        ("<|user|>\nand london?\n", False),
+        ("<|assistant|>\n", False), ("london is a city too</s>", True), ("\n", False)]
+    prompt = "<|system|>\nbe brief\n<|user|>\nwhere is paris\n<|assistant|>\n"
+    assert data.chat_prompt([SYS, U1, A1]) == prompt
+    assert data.chat_prompt([SYS, U1]) == prompt
+    assert data.chat_prompt(CONV) == (prompt + "paris is a city on the river</s>\n"
+                                      "<|user|>\nand london?\n<|assistant|>\n")
+
+
+@pytest.mark.parametrize("messages", [[U1, A1], [SYS, U1, A1], CONV], ids=["single", "system", "multi"])
+def test_conversation_label_masks(tok, tmp_path, messages):
+    path = write_jsonl(tmp_path / "tulu.jsonl", [{"dataset": "x", "id": "0", "messages": messages}])
+    (ex,) = data.load_examples(path, "sft", tok, 512, log=lambda *a: None)
+    ids, labels = ex["input_ids"], ex["labels"]
+    assert len(ids) == len(labels)
+    # The training ids are exactly the whole rendered conversation, tokenized at once.
+    text = "".join(t for t, _ in data.chat_segments(messages)).removesuffix("\n")
+    assert ids == tok.encode(text, bos=True, eos=False)
+    assistants = [m["content"].strip() for m in messages if m["role"] == "assistant"]
+    spans = target_spans(labels)
+    assert len(spans) == len(assistants)
+    for (s, e), content in zip(spans, assistants):
+        assert labels[s:e] == ids[s:e]
+        assert ids[e - 1] == tok.eos_id  # the real eos where the template says </s>
+        assert tok.decode(ids[s:e - 1]) == content
+    # Every position outside the spans is masked: the headers, system and user turns, and "\n".
+    assert sum(x != IGNORE_INDEX for x in labels) == sum(e - s for s, e in spans)
+    assert spans[-1][1] == len(ids)  # nothing after the last response is kept
+
+
+@pytest.mark.parametrize("which", ["llama_like", "conftest_spm"])
+def test_eval_prompt_is_prefix_of_training_tokens(which, llama_spm, spm_path, tmp_path):
+    tk = data.Tokenizer(llama_spm if which == "llama_like" else spm_path)
+    rng = random.Random(3)
+    convs = []
+    for _ in range(50):
+        words = lambda: " ".join(rng.choice(WORDS + ["42", "?", "7.5"]) for _ in range(rng.randint(1, 9)))
+        msgs = [{"role": "system", "content": words()}] if rng.random() < 0.5 else []
+        for _ in range(rng.randint(1, 3)):
+            msgs += [{"role": "user", "content": words()}, {"role": "assistant", "content": words()}]
+        convs.append(msgs)
+    # A literal "</s>" inside a message is the eos id too (as in HF's tokenizer); spans still line up.
+    convs.append([{"role": "user", "content": "a </s> b"}, {"role": "assistant", "content": "c </s> d"},
+                  {"role": "user", "content": "e"}, {"role": "assistant", "content": "f"}])
+    path = write_jsonl(tmp_path / "c.jsonl", [{"messages": m} for m in convs])
+    examples = data.load_examples(path, "sft", tk, 4096, log=lambda *a: None)
+    for msgs, ex in zip(convs, examples):
+        starts = [s for s, _ in target_spans(ex["labels"])]
+        turn_ends = [i + 1 for i, m in enumerate(msgs) if m["role"] == "assistant"]
+        assert len(starts) == len(turn_ends)
+        for k, start in zip(turn_ends, starts):
+            prompt = tk.encode(data.chat_prompt(msgs[:k - 1]), bos=True, eos=False)  # up to the last user
+            assert ex["input_ids"][:len(prompt)] == prompt and len(prompt) == start
+
+
+def test_tokenizer_merging_across_prompt_end_is_an_error(tmp_path):
+    class MergingSP:  # merges a newline with the character after it, which no LLaMA piece does
+        def encode(self, s):
+            return [3 + ord(c[-1]) + 1000 * (len(c) - 1) for c in re.findall(r"\n.|.", s, flags=re.S)]
+    tk = object.__new__(data.Tokenizer)
+    tk.sp_model, tk.n_words, tk.bos_id, tk.eos_id, tk.pad_id, tk.eos_piece = MergingSP(), 5000, 1, 2, -1, "</s>"
+    path = write_jsonl(tmp_path / "m.jsonl", [{"messages": [U1, A1]}])
+    with pytest.raises(DataError, match=r"m\.jsonl: line 1: .*not a prefix"):
+        data.load_examples(path, "sft", tk, 512, log=lambda *a: None)
+
+
+def test_trace_rendering_and_mask(tok, tmp_path):
+    recs = [{"prompt": "Q: what is two plus three? A:", "answer": "five"},
+            {"prompt": "stance of the city", "answer": "positive"}]
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps(recs), encoding="utf-8")
+    examples = data.load_examples(str(path), "sft", tok, 512, log=lambda *a: None)
+    for r, ex in zip(recs, examples):
+        p = tok.encode(r["prompt"], bos=True, eos=False)
+        a = tok.encode(r["answer"], bos=False, eos=False)
+        assert ex["input_ids"] == p + a + [tok.eos_id]
+        assert ex["labels"] == [IGNORE_INDEX] * len(p) + a + [tok.eos_id]
+        assert tok.decode(a) == r["answer"]
+
+
+def test_lm_windows_lose_nothing(tok, tmp_path):
+    text = " ".join(random.Random(1).choice(WORDS) for _ in range(60)) + "\nlast line</s> kept literally"
+    doc = tok.encode(text, bos=False, eos=True, special=False)
+    L = 16
+    (tmp_path / "book.txt").write_text(text, encoding="utf-8")
+    jsonl = write_jsonl(tmp_path / "docs.jsonl", [{"text": text}, {"text": "a"}])
+    for path, n_docs in ((str(tmp_path / "book.txt"), 1), (jsonl, 2)):
+        examples = data.load_examples(path, "lm", tok, L, log=lambda *a: None)
+        assert len(examples) == math.ceil(len(doc) / (L - 1)) + (n_docs - 1)
+        for ex in examples:
+            assert len(ex["input_ids"]) <= L and ex["input_ids"][0] == tok.bos_id
+            assert ex["labels"] == [IGNORE_INDEX] + ex["input_ids"][1:]
+        first = examples[:math.ceil(len(doc) / (L - 1))]
+        assert [t for ex in first for t in ex["input_ids"][1:]] == doc
+
+
+def test_truncation_drops_and_logs(tok, tmp_path):
+    long = " ".join(["the city"] * 200)
+    recs = [{"messages": [U1, A1]},                                   # fits
+            {"messages": [{"role": "user", "content": long}, A1]},   # prompt alone exceeds L: dropped
+            {"messages": [U1, {"role": "assistant", "content": long}]},  # response cut, kept
+            {"messages": [{"role": "user", "content": long}, A1, U2, A2]}]  # both responses past L: dropped
+    L = 64
+    path = write_jsonl(tmp_path / "train.jsonl", recs)
+    logged = []
+    examples = data.load_examples(path, "sft", tok, L, log=logged.append)
+    assert logged == [f"data: {path}: 2 examples, 2 dropped (no target tokens left after truncation to {L})"]
+    cut = examples[1]
+    full_ids, full_labels = data._encode_chat(tok, recs[2]["messages"])
+    assert len(full_ids) > L and cut["input_ids"] == full_ids[:L] and cut["labels"] == full_labels[:L]
+    assert cut["labels"][-1] != IGNORE_INDEX and tok.eos_id not in cut["input_ids"]
+    # TRACE and dpo truncate the same way.
+    trace = write_jsonl(tmp_path / "t.jsonl", [{"prompt": long, "answer": "five"}, {"prompt": "a", "answer": "b"}])
+    logged.clear()
+    assert len(data.load_examples(trace, "sft", tok, L, log=logged.append)) == 1 and "1 dropped" in logged[0]
+
+
+def test_preference_pairs(tok, tmp_path):
+    prompt_msgs = [U1]
+    recs = [{"prompt": U1["content"], "chosen": prompt_msgs + [A1],
+             "rejected": prompt_msgs + [{"role": "assistant", "content": "london"}], "score_chosen": 8.0},
+            {"prompt": "two plus two", "chosen": "four", "rejected": "five"},
+            {"prompt": "x", "chosen": [{"role": "user", "content": " ".join(["city"] * 200)}, A1],
+             "rejected": [{"role": "user", "content": "y"}, A2]}]  # chosen truncated away: dropped
+    path = write_jsonl(tmp_path / "uf.jsonl", recs)
+    logged = []
+    examples = data.load_examples(path, "dpo", tok, 64, log=logged.append)
+    assert len(examples) == 2 and "1 dropped" in logged[0]
+    (c, r), (c2, r2) = [(e["chosen"], e["rejected"]) for e in examples]
+    prompt = tok.encode(data.chat_prompt(prompt_msgs), bos=True, eos=False)
+    for side, answer in ((c, A1["content"]), (r, "london")):
+        (s, e), = target_spans(side["labels"])  # only the final response
+        assert side["input_ids"][:s] == prompt and side["input_ids"][e - 1] == tok.eos_id
+        assert tok.decode(side["input_ids"][s:e - 1]) == answer
+    # Strings: the prompt becomes one user turn.
+    string_prompt = tok.encode(data.chat_prompt([{"role": "user", "content": "two plus two"}]), bos=True, eos=False)
+    assert c2["input_ids"][:len(string_prompt)] == string_prompt
+    assert tok.decode(c2["input_ids"][len(string_prompt):-1]) == "four"
+    # Multi-turn sides: only the last assistant message is a target.
+    ids, labels = data._encode_chat(tok, CONV, last_only=True)
+    (s, e), = target_spans(labels)
+    assert tok.decode(ids[s:e - 1]) == A2["content"].strip()
+
+    batch = data.collate(examples, pad_id=tok.pad_id)
+    T = max(len(x["input_ids"]) for e in examples for x in (e["chosen"], e["rejected"]))
+    for k in ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"):
+        assert batch[k].shape == (2, T) and batch[k].dtype == torch.long
+    assert batch["rejected_labels"][1, len(r2["labels"]):].eq(IGNORE_INDEX).all()
+    assert batch["rejected_input_ids"][1, :len(r2["input_ids"])].tolist() == r2["input_ids"]
+
+
+def test_collate_right_pads():
+    ex = [{"input_ids": [1, 5, 6], "labels": [-100, 5, 6]}, {"input_ids": [1, 7], "labels": [-100, 7]}]
+    b = data.collate(ex, pad_id=-1)  # LLaMA has no pad id: any real id is fine, it carries no loss
+    assert b["input_ids"].tolist() == [[1, 5, 6], [1, 7, 0]]
+    assert b["labels"].tolist() == [[-100, 5, 6], [-100, 7, -100]]
+
+
+def test_sampler_deterministic_and_private_rng():
+    rng_state = torch.get_rng_state()
+    a = data.StepSampler(100, 8, 2, 1, 0, seed=0, stage=0, epochs=3)
+    b = data.StepSampler(100, 8, 2, 1, 0, seed=0, stage=0, epochs=3)
+    assert torch.equal(rng_state, torch.get_rng_state())
+    assert (a.steps_per_epoch, a.total_steps) == (12, 36)
+    steps = [a.micro_batches(s) for s in range(a.total_steps)]
+    assert steps == [b.micro_batches(s) for s in range(b.total_steps)]
+    assert all(len(mb) == 2 for step in steps for mb in step) and all(len(step) == 4 for step in steps)
+    flat = lambda step: [i for mb in step for i in mb]
+    epochs = [[i for s in steps[e * 12:(e + 1) * 12] for i in flat(s)] for e in range(3)]
+    for ep in epochs:
+        assert len(ep) == 96 == len(set(ep))  # no repeats within an epoch; the remainder is dropped
+    assert epochs[0] != epochs[1] and epochs[1] != epochs[2]
+    other_stage = data.StepSampler(100, 8, 2, 1, 0, seed=0, stage=1, epochs=3)
+    other_seed = data.StepSampler(100, 8, 2, 1, 0, seed=1, stage=0, epochs=3)
+    assert flat(other_stage.micro_batches(0)) != flat(steps[0])
+    assert flat(other_seed.micro_batches(0)) != flat(steps[0])
+
+
+def test_sampler_ranks_and_restart():
+    kw = dict(seed=5, stage="sft", epochs=2)
+    single = data.StepSampler(50, 8, 8, 1, 0, **kw)
+    ranks = [data.StepSampler(50, 8, 2, 2, r, **kw) for r in range(2)]
+    for step in range(single.total_steps):
+        (global_batch,) = single.micro_batches(step)
+        union = [i for s in ranks for mb in s.micro_batches(step) for i in mb]
+        assert union == global_batch
+    # Resume: a fresh sampler asked for step k gives the k-th step of an uninterrupted run.
+    run = [ranks[1].micro_batches(s) for s in range(ranks[1].total_steps)]
+    for k in (0, 5, 6, 11):
+        assert data.StepSampler(50, 8, 2, 2, 1, **kw).micro_batches(k) == run[k]
+    with pytest.raises(IndexError):
+        single.micro_batches(single.total_steps)
+
+
+def test_sampler_errors():
+    with pytest.raises(ValueError, match=r"train\.batch_size=8 .*train\.micro_batch_size=3"):
+        data.StepSampler(100, 8, 3, 1, 0, 0, 0, 1)
+    with pytest.raises(ValueError, match=r"train\.batch_size=8 .*world size 3"):
+        data.StepSampler(100, 8, 2, 3, 0, 0, 0, 1)
+    with pytest.raises(DataError, match=r"7 examples, fewer than train\.batch_size=8"):
+        data.StepSampler(7, 8, 2, 1, 0, 0, 0, 1)
+
+
+def test_loss_normalised_by_global_target_count(tiny_args):
+    from model import Transformer
+    torch.manual_seed(0)
+    model = Transformer(tiny_args)
+    model.init_weights(seed=0)
+    gen = torch.Generator().manual_seed(0)
+    examples = []
+    for n, n_targets in ((20, 1), (9, 8), (30, 25), (5, 2)):  # very different target counts
+        ids = torch.randint(3, tiny_args.vocab_size, (n,), generator=gen).tolist()
+        examples.append({"input_ids": ids, "labels": [IGNORE_INDEX] * (n - n_targets) + ids[n - n_targets:]})
+    # Reference: mean cross-entropy over every target token of the global batch.
+    with torch.no_grad():
+        per_ex = [data.token_loss_sum(model(torch.tensor([e["input_ids"]])), torch.tensor([e["labels"]]))
+                  for e in examples]
+        ref = (sum(l for l, _ in per_ex) / sum(c for _, c in per_ex)).item()
+        for world, mbs in ((1, 1), (1, 4), (2, 1), (2, 2)):  # 1x4, 1x1, 2x2, 2x1 (ranks x micro-batches)
+            samplers = [data.StepSampler(4, 4, mbs, world, r, 0, 0, 1) for r in range(world)]
+            batches = [data.collate([examples[i] for i in mb]) for s in samplers for mb in s.micro_batches(0)]
+            denom = sum(data.count_targets(b["labels"]) for b in batches)  # what the trainer all-reduces
+            sums = [data.token_loss_sum(model(b["input_ids"]), b["labels"]) for b in batches]
+            assert sum(l for l, _ in sums).item() / denom == pytest.approx(ref, rel=1e-5), (world, mbs)
+            if len(batches) > 1:  # a mean of per-micro-batch means would depend on the split
+                naive = sum(l / c for l, c in sums).item() / len(batches)
+                assert abs(naive - ref) > 1e-3
+
+
+def test_token_loss_shift_and_logps():
+    logits = torch.randn(2, 5, 11)
+    labels = torch.tensor([[1, 4, -100, 6, 7], [1, -100, -100, -100, 3]])
+    loss, count = data.token_loss_sum(logits, labels)
+    assert count.item() == data.count_targets(labels) == 4 and loss.dtype == torch.float32
+    lp = torch.log_softmax(logits, -1)
+    want = [lp[0, 0, 4] + lp[0, 2, 6] + lp[0, 3, 7], lp[1, 3, 3]]
+    assert torch.allclose(data.sequence_logps(logits, labels), torch.stack(want))
+    assert loss.item() == pytest.approx(-sum(w.item() for w in want), rel=1e-6)
+    with pytest.raises(ValueError, match=r"\(2, 5, 11\).*\(2, 4\)"):
+        data.token_loss_sum(logits, labels[:, :4])
+
+
+def test_dpo_loss_values():
+    pi = torch.tensor([-12.0, -30.0, -5.0])
+    losses, m = data.dpo_loss(pi, pi - 3, pi, pi - 3, beta=0.1)
+    assert torch.allclose(losses, torch.full((3,), math.log(2)))
+    losses, m = data.dpo_loss(torch.tensor([-10.0]), torch.tensor([-20.0]), torch.tensor([-12.0]),
+                              torch.tensor([-18.0]), beta=0.5)
+    assert m["chosen_reward"].item() == pytest.approx(1.0) and m["rejected_reward"].item() == pytest.approx(-1.0)
+    assert m["reward_margin"].item() == pytest.approx(2.0) and m["reward_acc"].item() == 1.0
+    assert losses.item() == pytest.approx(-math.log(1 / (1 + math.exp(-2.0))))
+
+
+def test_dpo_step_raises_chosen_over_rejected(tok, tiny_args, tmp_path):
+    from model import Transformer
+    recs = [{"prompt": "the color of the apple", "chosen": "red", "rejected": "blue"},
+            {"prompt": "two plus three", "chosen": "five", "rejected": "six"}]
+    examples = data.load_examples(write_jsonl(tmp_path / "p.jsonl", recs), "dpo", tok, 64, log=lambda *a: None)
+    args = dataclasses.replace(tiny_args, vocab_size=tok.n_words)
+    model = Transformer(args)
+    model.init_weights(seed=0)
+    b = data.collate(examples)
+    ids = torch.cat([b["chosen_input_ids"], b["rejected_input_ids"]])
+    labels = torch.cat([b["chosen_labels"], b["rejected_labels"]])
+    with torch.no_grad():
+        ref = data.sequence_logps(model(ids), labels)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    logps = data.sequence_logps(model(ids), labels)
+    losses, _ = data.dpo_loss(logps[:2], logps[2:], ref[:2], ref[2:], beta=0.1)
+    assert torch.allclose(losses, torch.full((2,), math.log(2)))
+    losses.mean().backward()
+    opt.step()
+    with torch.no_grad():
+        after = data.sequence_logps(model(ids), labels)
+    margin = (after[:2] - ref[:2]) - (after[2:] - ref[2:])
+    assert (margin > 0).all(), margin
+
+
+BAD_UTF8 = b'{"text": "ok"}\n{"text": "caf\xe9"}\n'
+
+
+@pytest.mark.parametrize("name,content,kind,pattern", [
+    ("bad.jsonl", '{"messages": []}\n\n{"messages": [}\n', "sft", r"bad\.jsonl: line 3: malformed JSON"),
+    ("bad.json", '[{"prompt": "a", "answer": "b"},\n {"prompt": "a" "answer": "b"}]', "sft",
+     r"bad\.json: line 2: malformed JSON"),
+    ("miss.jsonl", '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n'
+                   '{"id": 7}\n', "sft", r"miss\.jsonl: line 2: missing field 'messages'"),
+    ("miss.json", '[{"prompt": "a", "answer": "b"}, {"prompt": "c"}]', "sft",
+     r"miss\.json: record \[1\]: missing field 'answer'"),
+    ("miss_dpo.jsonl", '{"prompt": "a", "chosen": "b"}\n', "dpo", r"miss_dpo\.jsonl: line 1: missing field 'rejected'"),
+    ("miss_prompt.jsonl", '{"chosen": "b", "rejected": "c"}\n', "dpo", r"line 1: missing field 'prompt'"),
+    ("miss_text.jsonl", '{"text": "a"}\n{"txt": "b"}\n', "lm", r"miss_text\.jsonl: line 2: missing field 'text'"),
+    ("role.jsonl", '{"messages": [{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}]}\n', "sft",
+     r"role\.jsonl: line 1: messages\[1\]\.role is 'bot'"),
+    ("role_dpo.jsonl", '{"chosen": [{"role": "human", "content": "a"}, {"role": "assistant", "content": "b"}],'
+                       ' "rejected": [{"role": "assistant", "content": "c"}]}\n', "dpo",
+     r"line 1: messages\[0\]\.role is 'human'"),
+    ("last.jsonl", '{"chosen": [{"role": "user", "content": "a"}], "rejected": "c", "prompt": "p"}\n', "dpo",
+     r"line 1: field 'chosen': the last message must be the assistant response"),
+    ("noasst.jsonl", '{"messages": [{"role": "system", "content": "a"}, {"role": "user", "content": "b"}]}\n',
+     "sft", r"noasst\.jsonl: line 1: conversation has no assistant turn"),
+    ("type.jsonl", '{"prompt": "a", "answer": 3}\n', "sft", r"line 1: field 'answer' must be a string"),
+    ("empty.jsonl", "\n  \n", "sft", r"empty\.jsonl: empty file"),
+    ("empty.txt", "", "lm", r"empty\.txt: empty file"),
+    ("empty.json", "[]", "sft", r"empty\.json: empty file"),
+    ("dict.json", '{"prompt": "a", "answer": "b"}', "sft", r"dict\.json: .* must hold a list"),
+    ("utf8.jsonl", BAD_UTF8, "lm", r"utf8\.jsonl: line 2: bytes that are not UTF-8"),
+    ("utf8.txt", b"caf\xc3\xa9 \xff", "lm", r"utf8\.txt: line 1: bytes that are not UTF-8"),
+    ("nouse.jsonl", '{"messages": [{"role": "user", "content": "' + "the city " * 100 + '"},'
+                    ' {"role": "assistant", "content": "a"}]}\n', "sft",
+     r"nouse\.jsonl: no usable example .*truncation to 32"),
+    ("blank.jsonl", '{"text": ""}\n', "lm", r"blank\.jsonl: no usable example"),
+    ("notobj.jsonl", '["a"]\n', "lm", r"notobj\.jsonl: line 1: a record must be a JSON object"),
+    ("kind.jsonl", '{"prompt": "a", "chosen": "b", "rejected": "c"}\n', "sft",
+     r"kind\.jsonl: line 1: a preference pair .*dpo stage"),
+    ("data.csv", "a,b\n", "sft", r"data\.csv: unsupported file type"),
+])
+def test_data_errors(tok, tmp_path, name, content, kind, pattern):
+    p = tmp_path / name
+    p.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
+    with pytest.raises(DataError, match=pattern):
+        data.load_examples(str(p), kind, tok, 32, log=lambda *a: None)
+
+
+def test_missing_file(tok, tmp_path):
+    with pytest.raises(DataError, match="absent.jsonl"):
+        data.load_examples(str(tmp_path / "absent.jsonl"), "sft", tok, 32)

@@ -32,7 +32,10 @@ def make_spm(prefix: str, vocab_size: int = 320, seed: int = 0) -> str:
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines), model_prefix=prefix, vocab_size=vocab_size,
         model_type="bpe", unk_id=0, bos_id=1, eos_id=2, pad_id=-1, byte_fallback=True,
-        character_coverage=1.0, num_threads=1, minloglevel=2)
+        character_coverage=1.0, num_threads=1, minloglevel=2,
+        # LLaMA keeps text as is: no NFKC, whitespace and newlines preserved, digits split.
+        normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True,
+        allow_whitespace_only_pieces=True)
     return prefix + ".model"
 
 

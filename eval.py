@@ -1,0 +1,703 @@
+"""Evaluation: how much a fine-tuned model forgets, in the numbers the paper reports.
+
+    python eval.py --model runs/trace/FOMC --data trace/C-STANCE/test.json nq.jsonl [--out r.json]
+    torchrun --nproc_per_node=8 eval.py --model ... --data ...   # examples split over ranks
+
+- metrics: `exact_match` (SQuAD), `accuracy`, `rouge_l` (rouge-score), `edit_similarity`
+  (rapidfuzz fuzz.ratio / 100), `sari` (Xu et al. 2016, as HF evaluate computes it), per example
+  in [0, 1]; `continual_metrics(R)` gives TRACE's OP and BWT;
+- `generate`: batched greedy decoding through the model's KV cache;
+- `evaluate_file`: one TRACE / conversation / knowledge-probe / multiple-choice / text file ->
+  score, per-example predictions;
+- `write_report`: the stage runner's R matrix, OP, BWT and probe retention, as JSON and markdown.
+
+Every model call is made the same number of times on every rank, so an FSDP-sharded model (whose
+forward all-gathers parameters across ranks) never deadlocks on a rank that ran out of examples.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import string
+import sys
+import tempfile
+from collections import Counter
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+# ---------------------------------------------------------------------------------------------
+# Metrics, one example at a time, each in [0, 1].
+
+
+def _lcs_length(a, b) -> int:
+    """Length of the longest common subsequence of two sequences (characters or tokens).
+
+    Bit-parallel (Hyyro 2004, as rapidfuzz does it): bit i of `v` is 0 where row i of the usual
+    DP table steps up, so one big-integer update per element of `b` replaces a row of len(a)
+    cells; Py150 code completions are long enough for the plain O(n*m) table to be slow."""
+    if not a or not b:
+        return 0
+    positions = {}
+    for i, x in enumerate(a):
+        positions[x] = positions.get(x, 0) | (1 << i)
+    full = (1 << len(a)) - 1
+    v = full
+    for y in b:
+        u = v & positions.get(y, 0)
+        v = ((v + u) | (v - u)) & full
+    return len(a) - bin(v).count("1")
+
+
+def _as_list(refs) -> list[str]:
+    return [refs] if isinstance(refs, str) else list(refs)
+
+
+_PUNCTUATION = set(string.punctuation)
+
+
+def normalize_answer(s: str) -> str:
+    """SQuAD's normalisation: lowercase, drop punctuation, drop articles, squeeze whitespace."""
+    s = "".join(ch for ch in s.lower() if ch not in _PUNCTUATION)
+    s = re.sub(r"\b(a|an|the)\b", " ", s)
+    return " ".join(s.split())
+
+
+def exact_match(pred: str, refs) -> float:
+    """1.0 if the prediction equals any reference after SQuAD normalisation."""
+    p = normalize_answer(pred)
+    return float(any(p == normalize_answer(r) for r in _as_list(refs)))
+
+
+def accuracy(pred: str, ref) -> float:
+    """Exact string match after stripping whitespace (TRACE's classification tasks)."""
+    return float(any(pred.strip() == r.strip() for r in _as_list(ref)))
+
+
+def _rouge_tokens(s: str) -> list[str]:
+    # rouge-score's default tokenizer: lowercase, anything outside [a-z0-9] is a separator.
+    return re.sub(r"[^a-z0-9]+", " ", s.lower()).split()
+
+
+def rouge_l(pred: str, ref) -> float:
+    """ROUGE-L F1 as Google's rouge-score computes it (no stemming); best over references."""
+    p = _rouge_tokens(pred)
+    best = 0.0
+    for r in _as_list(ref):
+        t = _rouge_tokens(r)
+        lcs = _lcs_length(t, p)
+        if lcs:
+            prec, rec = lcs / len(p), lcs / len(t)
+            best = max(best, 2 * prec * rec / (prec + rec))
+    return best
+
+
+def edit_similarity(pred: str, ref) -> float:
+    """1 - Indel distance / (len(pred) + len(ref)) over characters, i.e. rapidfuzz's unrounded
+    fuzz.ratio / 100 (TRACE's Py150 metric; fuzzywuzzy's ratio is the same number rounded to an
+    int). Two empty strings are identical: 1.0, as rapidfuzz says. Best over references."""
+    best = 0.0
+    for r in _as_list(ref):
+        total = len(pred) + len(r)
+        best = max(best, 1.0 if total == 0 else 2 * _lcs_length(pred, r) / total)
+    return best
+
+
+def _tokenize_13a(line: str) -> str:
+    """sacrebleu's 13a tokenizer (mteval-v13a), which HF evaluate's SARI applies before splitting."""
+    line = line.replace("<skipped>", "").replace("-\n", "").replace("\n", " ")
+    if "&" in line:
+        line = line.replace("&quot;", '"').replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">")
+    line = f" {line} "
+    line = re.sub(r"([\{-\~\[-\` -\&\(-\+\:-\@\/])", r" \1 ", line)
+    line = re.sub(r"([^0-9])([\.,])", r"\1 \2 ", line)  # period and comma unless after a digit
+    line = re.sub(r"([\.,])([^0-9])", r" \1 \2", line)  # ... or unless before a digit
+    line = re.sub(r"([0-9])(-)", r"\1 \2 ", line)       # dash after a digit
+    return " ".join(line.split())
+
+
+def _ngrams(tokens: list[str], n: int) -> list[str]:
+    return [" ".join(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+
+
+def _sari_ngram(src: list[str], pred: list[str], refs: list[list[str]]) -> tuple[float, float, float]:
+    """Keep F1, deletion precision and addition F1 for one n-gram order.
+
+    Counts of source and prediction n-grams are scaled by the number of references, so a
+    reference count r out of R references means "r/R of the references keep it". 0/0 counts as
+    1 (a prediction that changes nothing it should not gets full marks), as HF evaluate does."""
+    nref = len(refs)
+    ref_c = Counter(g for r in refs for g in r)
+    src_c = Counter({g: c * nref for g, c in Counter(src).items()})
+    pred_c = Counter({g: c * nref for g, c in Counter(pred).items()})
+
+    keep = src_c & pred_c                # kept by the system
+    keep_good = keep & ref_c             # ... and by the references
+    keep_all = src_c & ref_c             # kept by the references
+    keep_p = sum(keep_good[g] / keep[g] for g in keep_good) / len(keep) if keep else 1.0
+    keep_r = sum(keep_good.values()) / sum(keep_all.values()) if keep_all else 1.0
+    keep_f = 2 * keep_p * keep_r / (keep_p + keep_r) if keep_p + keep_r > 0 else 0.0
+
+    delete = src_c - pred_c              # deleted by the system
+    delete_good = delete - ref_c         # ... and by the references
+    del_p = sum(delete_good[g] / delete[g] for g in delete_good) / len(delete) if delete else 1.0
+
+    add = set(pred_c) - set(src_c)       # additions are scored as sets, not counts
+    add_all = set(ref_c) - set(src_c)
+    add_good = len(add & set(ref_c))
+    add_p = add_good / len(add) if add else 1.0
+    add_r = add_good / len(add_all) if add_all else 1.0
+    add_f = 2 * add_p * add_r / (add_p + add_r) if add_p + add_r > 0 else 0.0
+    return keep_f, del_p, add_f
+
+
+def sari(source: str, pred: str, refs) -> float:
+    """SARI (Xu et al. 2016): mean over n = 1..4 of keep F1, deletion precision and addition
+    F1, averaged; text lowercased and 13a-tokenized as HF evaluate's `sari` does (its score / 100)."""
+    tok = lambda s: _tokenize_13a(s.lower()).split(" ")  # noqa: E731  "" -> [""] as in HF
+    s, p, rs = tok(source), tok(pred), [tok(r) for r in _as_list(refs)]
+    parts = [_sari_ngram(_ngrams(s, n), _ngrams(p, n), [_ngrams(r, n) for r in rs]) for n in range(1, 5)]
+    return sum(sum(x) for x in parts) / 12
+
+
+def continual_metrics(R) -> dict:
+    """TRACE's overall performance and backward transfer from R[t][i] = score on task i after
+    stage t (0-100; rows of growing length, or a full square matrix).
+
+    OP = mean_i R[T][i];  BWT = (1/T) * sum_i (R[T][i] - R[i][i])  (the i = T term is 0)."""
+    T = len(R)
+    if T == 0:
+        raise ValueError("continual_metrics: R is empty")
+    for t, row in enumerate(R):
+        if len(row) < t + 1:
+            raise ValueError(f"continual_metrics: row {t} has {len(row)} scores, needs at least {t + 1} "
+                             f"(tasks 0..{t} after stage {t})")
+    last = [float(x) for x in R[-1][:T]]
+    return {"OP": sum(last) / T, "BWT": sum(last[i] - float(R[i][i]) for i in range(T)) / T}
+
+
+GEN_METRICS = {
+    "em": lambda ex, pred: exact_match(pred, ex["reference"]),
+    "accuracy": lambda ex, pred: accuracy(pred, ex["reference"]),
+    "rouge_l": lambda ex, pred: rouge_l(pred, ex["reference"]),
+    "edit_sim": lambda ex, pred: edit_similarity(pred, ex["reference"]),
+    "sari": lambda ex, pred: sari(ex["prompt"], pred, ex["reference"]),
+}
+METRICS = (*GEN_METRICS, "mc", "ppl")
+
+# TRACE's eight tasks and the metric its paper reports for each, keyed by the task name with
+# anything but letters and digits dropped (files live in C-STANCE/test.json, NumGLUE-cm/...).
+TRACE_METRICS = {"cstance": "accuracy", "fomc": "accuracy", "meetingbank": "rouge_l",
+                 "py150": "edit_sim", "scienceqa": "accuracy", "numgluecm": "accuracy",
+                 "numglueds": "accuracy", "20minuten": "sari"}
+
+# ---------------------------------------------------------------------------------------------
+# Running the model: every rank makes the same calls.
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _shard(items: list, filler) -> tuple[list, int]:
+    """This rank's share (every world-th item), padded with `filler` to ceil(n / world) items so
+    all ranks run the same number of batches. Returns the list and how many are real."""
+    rank, world = _rank_world()
+    mine = items[rank::world]
+    per_rank = -(-len(items) // world)
+    return mine + [filler] * (per_rank - len(mine)), len(mine)
+
+
+def _gather(mine: list, n: int) -> list:
+    """Undo `_shard`: every rank gets all n results in the original order."""
+    rank, world = _rank_world()
+    if world == 1:
+        return mine
+    parts = [None] * world
+    dist.all_gather_object(parts, mine)
+    out = [None] * n
+    for r, part in enumerate(parts):
+        out[r::world] = part
+    return out
+
+
+def _all_ranks(flag: bool, device) -> bool:
+    """True when `flag` is true on every rank."""
+    if _rank_world()[1] == 1:
+        return flag
+    t = torch.tensor([0 if flag else 1], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item() == 0
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _compute_dtype(model) -> torch.dtype:
+    """The dtype attention computes in. FSDP2 mixed precision keeps fp32 sharded parameters and
+    computes in mp_policy.param_dtype; a cache in the parameters' dtype would hand attention
+    fp32 keys for bf16 queries. (FSDP2 exposes the policy only through its state object.)"""
+    try:
+        dt = model._get_fsdp_state()._mp_policy.param_dtype
+        if dt is not None:
+            return dt
+    except AttributeError:
+        pass
+    return model.output.weight.dtype
+
+
+def _new_cache(model, batch: int, max_len: int):
+    cache = model.new_cache(batch, max_len)
+    dtype = _compute_dtype(model)
+    if cache.k[0].dtype != dtype:
+        cache.k = [t.to(dtype) for t in cache.k]
+        cache.v = [t.to(dtype) for t in cache.v]
+    return cache
+
+
+def _by_length(seqs: list[list[int]]) -> list[int]:
+    """Indices, longest first: batching sequences of similar length wastes little on padding."""
+    return sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+
+
+def _fit_prompt(ids: list[int], limit: int, bos_id: int) -> list[int]:
+    """Left-truncate to `limit` tokens, keeping the end of the prompt (where the question is) and
+    the leading bos the model always saw first."""
+    if len(ids) <= limit:
+        return ids
+    head = ids[:1] if ids and ids[0] == bos_id else []
+    return head + ids[len(ids) - (limit - len(head)):]
+
+
+def _greedy_batch(model, batch: list[list[int]], max_new_tokens: int, eos_id: int, device) -> list[list[int]]:
+    """Greedy continuation of left-padded prompts; returns the new tokens up to (not with) eos."""
+    B, P = len(batch), max(len(ids) for ids in batch)
+    tokens = torch.zeros(B, P, dtype=torch.long, device=device)  # pad id 0: masked out anyway
+    key_mask = torch.zeros(B, P + max_new_tokens, dtype=torch.bool, device=device)
+    for b, ids in enumerate(batch):
+        tokens[b, P - len(ids):] = torch.tensor(ids, dtype=torch.long)
+        key_mask[b, P - len(ids):P] = True
+    cache = _new_cache(model, B, P + max_new_tokens)
+    logits = model(tokens, 0, cache, key_mask[:, :P])
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    out = []
+    for step in range(max_new_tokens):
+        next_tok = logits[:, -1].argmax(-1)
+        out.append(next_tok)
+        done |= next_tok == eos_id
+        # Stop only when every rank is done: a rank that left early would strand the others
+        # in the FSDP all-gather of the next forward.
+        if step == max_new_tokens - 1 or _all_ranks(bool(done.all()), device):
+            break
+        pos = P + step
+        key_mask[:, pos] = True
+        logits = model(next_tok[:, None], pos, cache, key_mask[:, :pos + 1])
+    rows = torch.stack(out, dim=1).tolist()
+    return [row[:row.index(eos_id)] if eos_id in row else row for row in rows]
+
+
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 8) -> list[str]:
+    """Greedy decoding of each prompt (bos prepended; left-truncated to fit max_seq_len together
+    with max_new_tokens) through the KV cache, batched with left padding. Returns the decoded
+    new tokens without eos, in prompt order. Under torch.distributed the prompts are split over
+    ranks and every rank gets all results."""
+    if max_new_tokens < 1:
+        raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
+    limit = model.args.max_seq_len - max_new_tokens
+    if limit < 2:
+        raise ValueError(f"generate: max_new_tokens={max_new_tokens} leaves {limit} of the model's "
+                         f"max_seq_len={model.args.max_seq_len} positions for the prompt (need >= 2)")
+    if not prompts:
+        return []
+    encoded = [_fit_prompt(tokenizer.encode(p, bos=True, eos=False), limit, tokenizer.bos_id) for p in prompts]
+    mine, n_real = _shard(encoded, filler=encoded[0])
+    order = _by_length(mine)
+    device, was_training = _device(model), model.training
+    model.eval()
+    new_ids = [None] * len(mine)
+    try:
+        with torch.no_grad():
+            batches = range(0, len(mine), batch_size)
+            for start in tqdm(batches, desc="generate", leave=False, disable=_rank_world()[0] != 0):
+                idx = order[start:start + batch_size]
+                outs = _greedy_batch(model, [mine[i] for i in idx], max_new_tokens, tokenizer.eos_id, device)
+                for i, ids in zip(idx, outs):
+                    new_ids[i] = ids
+    finally:
+        model.train(was_training)
+    return _gather([tokenizer.decode(ids) for ids in new_ids[:n_real]], len(prompts))
+
+
+def sequence_logprobs(model, seqs: list[tuple[list[int], int]], batch_size: int = 8) -> list[float]:
+    """Sum of log p(token | all tokens before it) over the last n tokens of each (ids, n).
+
+    Right padding with plain causal attention: a real token never sees the padding after it."""
+    if not seqs:
+        return []
+    max_len = model.args.max_seq_len
+    for ids, n in seqs:
+        if not 1 <= n < len(ids) or len(ids) > max_len:
+            raise ValueError(f"sequence_logprobs: cannot score the last {n} of {len(ids)} tokens "
+                             f"(need 1 <= n < len and len <= max_seq_len={max_len})")
+    mine, n_real = _shard(seqs, filler=seqs[0])
+    order = _by_length([ids for ids, _ in mine])
+    device, was_training = _device(model), model.training
+    model.eval()
+    out = [None] * len(mine)
+    try:
+        with torch.no_grad():
+            batches = range(0, len(mine), batch_size)
+            for start in tqdm(batches, desc="score", leave=False, disable=_rank_world()[0] != 0):
+                idx = order[start:start + batch_size]
+                batch = [mine[i] for i in idx]
+                tokens = torch.zeros(len(batch), max(len(ids) for ids, _ in batch), dtype=torch.long, device=device)
+                for b, (ids, _) in enumerate(batch):
+                    tokens[b, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+                logits = model(tokens)
+                # logits at position j predict token j + 1
+                lps = torch.stack([-F.cross_entropy(logits[b, len(ids) - n - 1:len(ids) - 1],
+                                                    tokens[b, len(ids) - n:len(ids)], reduction="sum")
+                                   for b, (ids, n) in enumerate(batch)])
+                for i, lp in zip(idx, lps.tolist()):
+                    out[i] = lp
+    finally:
+        model.train(was_training)
+    return _gather(out[:n_real], len(seqs))
+
+
+# ---------------------------------------------------------------------------------------------
+# Files: records -> examples -> scores.
+
+
+def _default_metric(path: str, rec: dict) -> str:
+    """TRACE's metric when the file or its folder is named after a TRACE task, else by shape."""
+    stem = os.path.splitext(os.path.basename(path))[0]
+    for name in (stem, os.path.basename(os.path.dirname(os.path.abspath(path)))):
+        key = re.sub(r"[^a-z0-9]", "", name.lower())
+        for task in sorted(TRACE_METRICS, key=len, reverse=True):  # "numgluecm" before a shorter key
+            if task in key:
+                return TRACE_METRICS[task]
+    if "choices" in rec:
+        return "mc"
+    if "text" in rec and not ("prompt" in rec or "messages" in rec or "question" in rec):
+        return "ppl"
+    if "question" in rec:
+        return "em"
+    return "accuracy"
+
+
+def _reference(rec: dict, where: str, text: bool = True):
+    """The record's 'answers' or 'answer'; for generation a string or a list of strings (numbers,
+    as NumGLUE answers may be, are compared as their text)."""
+    import data
+    key = "answers" if "answers" in rec else "answer" if "answer" in rec else None
+    if key is None:
+        raise data.DataError(f"{where}: no 'answer' or 'answers' field (keys: {sorted(rec)})")
+    ref = rec[key]
+    if not text:
+        return ref
+    refs = ref if isinstance(ref, list) else [ref]
+    if not refs or any(isinstance(r, bool) or not isinstance(r, (str, int, float)) for r in refs):
+        raise data.DataError(f"{where}: '{key}' must be a string or a non-empty list of strings, got {ref!r}")
+    refs = [r if isinstance(r, str) else str(r) for r in refs]
+    return refs if isinstance(ref, list) else refs[0]
+
+
+def _example(rec: dict, metric: str, where: str) -> dict:
+    """One record in any supported format -> the prompt/reference (or choices, or text) it is scored on."""
+    import data
+    if metric == "ppl":
+        if not isinstance(rec.get("text"), str):
+            raise data.DataError(f"{where}: metric 'ppl' needs a 'text' string (keys: {sorted(rec)})")
+        return {"text": rec["text"]}
+    if metric == "mc":
+        question = rec.get("question", rec.get("prompt"))
+        choices = rec.get("choices")
+        if not isinstance(question, str) or not isinstance(choices, list) or not choices:
+            raise data.DataError(f"{where}: metric 'mc' needs 'question' and a non-empty 'choices' list")
+        choices = [str(c) for c in choices]
+        ans = _reference(rec, where, text=False)
+        if isinstance(ans, bool) or not isinstance(ans, (int, str)):
+            raise data.DataError(f"{where}: 'answer' must be a choice index or a choice text, got {ans!r}")
+        if isinstance(ans, int):
+            idx = ans
+        elif ans in choices:
+            idx = choices.index(ans)
+        elif len(ans) == 1 and "A" <= ans.upper() <= "Z":  # MMLU letters A, B, C, D
+            idx = ord(ans.upper()) - ord("A")
+        else:
+            raise data.DataError(f"{where}: answer {ans!r} is not one of the choices {choices}")
+        if not 0 <= idx < len(choices):
+            raise data.DataError(f"{where}: answer index {idx} is out of range for {len(choices)} choices")
+        return {"prompt": f"{question}\nAnswer:", "choices": choices, "answer": idx}
+    if "messages" in rec:
+        msgs = rec["messages"]
+        if not isinstance(msgs, list) or not msgs or not isinstance(msgs[-1], dict) \
+                or msgs[-1].get("role") != "assistant":
+            raise data.DataError(f"{where}: 'messages' must end with an assistant message (the reference)")
+        if not isinstance(msgs[-1].get("content"), str):
+            raise data.DataError(f"{where}: the final assistant message has no 'content' string")
+        return {"prompt": data.chat_prompt(msgs), "reference": msgs[-1]["content"].strip()}
+    if "prompt" in rec:
+        return {"prompt": rec["prompt"], "reference": _reference(rec, where)}
+    if "question" in rec:
+        return {"prompt": f"Q: {rec['question']}\nA:", "reference": _reference(rec, where)}
+    raise data.DataError(f"{where}: metric {metric!r} needs 'prompt', 'question' or 'messages' (keys: {sorted(rec)})")
+
+
+def load_examples(path: str, metric: str | None = None) -> tuple[str, list[dict]]:
+    """Read an evaluation file. The metric is the caller's, else the records' `metric` field
+    (one per file), else TRACE's for a TRACE task name, else chosen by the records' shape."""
+    import data
+    records = data.read_records(path)
+    if not records:
+        raise ValueError(f"{path}: no records to evaluate")
+    if metric is None:
+        named = {rec.get("metric") for _, rec in records}
+        if len(named) > 1:
+            raise data.DataError(f"{path}: records name different metrics {sorted(map(str, named))}; "
+                             "one file is scored with one metric")
+        metric = named.pop() or _default_metric(path, records[0][1])
+    if metric not in METRICS:
+        raise data.DataError(f"{path}: unknown metric {metric!r} (choose from {', '.join(METRICS)})")
+    where = (lambda n: f"{path}: record [{n}]") if path.lower().endswith(".json") else (lambda n: f"{path}: line {n}")
+    return metric, [_example(rec, metric, where(n)) for n, rec in records]
+
+
+def _score_generation(model, tokenizer, examples, metric, max_new_tokens, batch_size):
+    preds = generate(model, tokenizer, [ex["prompt"] for ex in examples], max_new_tokens, batch_size)
+    fn = GEN_METRICS[metric]
+    return [{"prompt": ex["prompt"], "prediction": p, "reference": ex["reference"], "score": fn(ex, p)}
+            for ex, p in zip(examples, preds)]
+
+
+def _score_choices(model, tokenizer, examples, batch_size):
+    """Pick the choice with the highest summed log-probability after the question prompt."""
+    max_len = model.args.max_seq_len
+    seqs = []
+    for ex in examples:
+        n_ctx = len(tokenizer.encode(ex["prompt"], bos=True, eos=False))
+        for choice in ex["choices"]:
+            # Encode prompt and choice together and score what follows the prompt's tokens, so
+            # the choice is tokenized as it appears after the prompt (as lm-eval-harness does).
+            whole = tokenizer.encode(f"{ex['prompt']} {choice}", bos=True, eos=False)
+            n = max(1, len(whole) - n_ctx)
+            if len(whole) > max_len:  # keep the end: the choice and the question before it
+                whole = whole[-max_len:]
+            seqs.append((whole, min(n, len(whole) - 1)))
+    logps = iter(sequence_logprobs(model, seqs, batch_size))
+    out = []
+    for ex in examples:
+        lp = [next(logps) for _ in ex["choices"]]
+        pick = max(range(len(lp)), key=lambda i: lp[i])  # first of equal scores
+        out.append({"prompt": ex["prompt"], "choices": ex["choices"], "prediction": ex["choices"][pick],
+                    "reference": ex["choices"][ex["answer"]], "logprobs": lp,
+                    "score": float(pick == ex["answer"])})
+    return out
+
+
+def _score_text(model, tokenizer, examples, batch_size):
+    """Per-text token NLL. Texts longer than max_seq_len are cut into windows overlapping by one
+    token, so every token after bos is predicted exactly once."""
+    L = model.args.max_seq_len
+    seqs, owner = [], []
+    for k, ex in enumerate(examples):
+        ids = tokenizer.encode(ex["text"], bos=True, eos=False)
+        for s in range(0, max(len(ids) - 1, 0), L - 1):
+            window = ids[s:s + L]
+            seqs.append((window, len(window) - 1))
+            owner.append(k)
+    nll, ntok = [0.0] * len(examples), [0] * len(examples)
+    for k, (_, n), lp in zip(owner, seqs, sequence_logprobs(model, seqs, batch_size)):
+        nll[k] -= lp
+        ntok[k] += n
+    return [{"text": ex["text"][:200], "nll": nll[k], "tokens": ntok[k],
+             "score": math.exp(nll[k] / ntok[k]) if ntok[k] else None} for k, ex in enumerate(examples)]
+
+
+def evaluate_file(model, tokenizer, path: str, metric: str | None = None, max_new_tokens: int = 64,
+                  batch_size: int = 8) -> dict:
+    """Score a model on one file. `score` is 0-100 (mean of the per-example metric), or the
+    perplexity exp(total NLL / total tokens) for 'ppl', where lower is better."""
+    metric, examples = load_examples(path, metric)
+    if metric == "ppl":
+        preds = _score_text(model, tokenizer, examples, batch_size)
+        tokens = sum(p["tokens"] for p in preds)
+        if tokens == 0:
+            raise ValueError(f"{path}: no tokens to score (every text is empty)")
+        score = math.exp(sum(p["nll"] for p in preds) / tokens)
+    else:
+        if metric == "mc":
+            preds = _score_choices(model, tokenizer, examples, batch_size)
+        else:
+            preds = _score_generation(model, tokenizer, examples, metric, max_new_tokens, batch_size)
+        score = 100.0 * sum(p["score"] for p in preds) / len(preds)
+    return {"file": path, "metric": metric, "score": score, "n": len(examples),
+            "higher_is_better": metric != "ppl", "predictions": preds}
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage runner's report.
+
+
+def _write_atomic(path: str, text: str):
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _higher_is_better(result: dict) -> bool:
+    return result.get("higher_is_better", result.get("metric") != "ppl")
+
+
+def _fmt(x, digits: int = 2) -> str:
+    return "" if x is None else f"{x:.{digits}f}"
+
+
+def write_report(out_dir: str, base: dict | None, stages: list[dict]) -> dict:
+    """R matrix, OP and BWT over the stages that introduce eval files, and every probe's score
+    and retention against the base model after each stage -> <out_dir>/report.json and report.md.
+
+    Task i is stage i's eval files (their scores averaged). Retention is score / base score as a
+    percentage; for lower-is-better metrics (perplexity) it is base / score, so 100% always
+    means "as good as the base model" and less means forgotten."""
+    base = base or {}
+    base_evals, base_probes = base.get("evals") or {}, base.get("probes") or {}
+    tasks = [s for s in stages if s.get("eval_files")]
+
+    def task_score(results: dict, task: dict, where: str):
+        missing = [f for f in task["eval_files"] if f not in results]
+        if missing:
+            raise ValueError(f"write_report: {where} has no result for {missing} "
+                             f"(eval files of stage {task['name']!r})")
+        return sum(results[f]["score"] for f in task["eval_files"]) / len(task["eval_files"])
+
+    R = [[task_score(t["evals"], tasks[i], f"stage {t['name']!r}") for i in range(k + 1)]
+         for k, t in enumerate(tasks)]
+    base_row = None
+    if tasks and all(f in base_evals for t in tasks for f in t["eval_files"]):
+        base_row = [task_score(base_evals, t, "base") for t in tasks]
+    cm = continual_metrics(R) if R else {"OP": None, "BWT": None}
+
+    probe_files = list(dict.fromkeys([*base_probes, *(f for s in stages for f in s.get("probes") or {})]))
+    probes = {}
+    for f in probe_files:
+        b = base_probes.get(f)
+        first = b or next(s["probes"][f] for s in stages if f in (s.get("probes") or {}))
+        hib = _higher_is_better(first)
+        rows = []
+        for s in stages:
+            r = (s.get("probes") or {}).get(f)
+            score = None if r is None else r["score"]
+            ret = None
+            if score is not None and b is not None:
+                num, den = (score, b["score"]) if hib else (b["score"], score)
+                ret = 100.0 * num / den if den else None
+            rows.append({"stage": s["name"], "score": score, "retention": ret})
+        probes[f] = {"metric": first.get("metric"), "higher_is_better": hib,
+                     "base": None if b is None else b["score"], "stages": rows}
+
+    report = {
+        "tasks": [{"name": t["name"], "eval_files": list(t["eval_files"])} for t in tasks],
+        "R": R, "base_row": base_row, "OP": cm["OP"], "BWT": cm["BWT"], "probes": probes,
+        "stages": [{"name": s["name"], "eval_files": list(s.get("eval_files") or []),
+                    "evals": {f: r["score"] for f, r in (s.get("evals") or {}).items()},
+                    "probes": {f: r["score"] for f, r in (s.get("probes") or {}).items()}} for s in stages],
+    }
+
+    md = ["# Continual-learning report", ""]
+    if tasks:
+        md += ["## R: score on task i (columns) after stage t (rows)", "",
+               "| after stage | " + " | ".join(t["name"] for t in tasks) + " |",
+               "|---|" + "---|" * len(tasks)]
+        if base_row is not None:
+            md.append("| (base) | " + " | ".join(_fmt(x) for x in base_row) + " |")
+        for t, row in zip(tasks, R):
+            md.append(f"| {t['name']} | " + " | ".join(_fmt(x) for x in row + [None] * (len(tasks) - len(row))) + " |")
+        md += ["", f"**OP** {_fmt(cm['OP'])}  **BWT** {_fmt(cm['BWT'])}  "
+               "(OP = mean of the last row; BWT = (1/T) sum_i (R[T][i] - R[i][i]), TRACE's definition)", "",
+               "Task files: " + "; ".join(f"{t['name']}: {', '.join(t['eval_files'])}" for t in tasks), ""]
+    if probes:
+        md += ["## Probes: score after each stage (retention vs the base model)", "",
+               "| probe | metric | base | " + " | ".join(s["name"] for s in stages) + " |",
+               "|---|---|---|" + "---|" * len(stages)]
+        for f, p in probes.items():
+            cells = [("" if r["score"] is None else _fmt(r["score"]) +
+                      ("" if r["retention"] is None else f" ({r['retention']:.1f}%)")) for r in p["stages"]]
+            metric = f"{p['metric']}" + ("" if p["higher_is_better"] else " (lower is better)")
+            md.append(f"| {os.path.basename(f)} | {metric} | {_fmt(p['base'])} | " + " | ".join(cells) + " |")
+        md.append("")
+
+    os.makedirs(out_dir, exist_ok=True)
+    _write_atomic(os.path.join(out_dir, "report.json"), json.dumps(report, indent=2) + "\n")
+    _write_atomic(os.path.join(out_dir, "report.md"), "\n".join(md))
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line.
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="model directory (Meta or HF format, see model.load_model)")
+    ap.add_argument("--data", required=True, nargs="+", help="evaluation files (.jsonl / .json / .txt)")
+    ap.add_argument("--metric", choices=METRICS, help="override the metric for every file")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--out", help="write results (with per-example predictions) to this JSON file")
+    ap.add_argument("--tokenizer", help="SentencePiece model (default: MODEL/tokenizer.model)")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), help="default: bfloat16 on GPU, float32 on CPU")
+    ap.add_argument("--max-seq-len", type=int, help="context length (default: the checkpoint's, see model.load_model)")
+    args = ap.parse_args(argv)
+
+    import data
+    import model as model_lib
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        # torchrun: each rank holds a full copy of the model and evaluates its share of examples.
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    rank = _rank_world()[0]
+
+    tok_path = args.tokenizer or os.path.join(args.model, "tokenizer.model")
+    try:
+        tokenizer = data.Tokenizer(tok_path)
+        model = model_lib.load_model(args.model, dtype=dtype, device=device, max_seq_len=args.max_seq_len)
+        results = [evaluate_file(model, tokenizer, f, metric=args.metric, max_new_tokens=args.max_new_tokens,
+                                 batch_size=args.batch_size) for f in args.data]
+    except (ValueError, OSError) as e:  # DataError is a ValueError
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if rank == 0:
+        width = max(len(r["file"]) for r in results)
+        print(f"{'file':<{width}}  {'metric':<9}{'n':>7}{'score':>10}")
+        for r in results:
+            note = "" if r["higher_is_better"] else "  (perplexity, lower is better)"
+            print(f"{r['file']:<{width}}  {r['metric']:<9}{r['n']:>7}{r['score']:>10.2f}{note}")
+        if args.out:
+            _write_atomic(args.out, json.dumps({"model": args.model, "results": results}, indent=2,
+                                               ensure_ascii=False) + "\n")
+    if dist.is_initialized():
+        dist.barrier()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

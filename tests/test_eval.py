@@ -1,0 +1,475 @@
+"""eval.py: metric values computed by hand, decoding against full forwards, mc / ppl against
+log-probabilities taken by hand, FSDP-safe evaluation over two ranks, and the report."""
+import json
+import math
+import multiprocessing
+import os
+import random
+
+import pytest
+import torch
+
+import eval as ev
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+
+
+def test_exact_match_squad_normalisation():
+    assert ev.exact_match("The Eiffel Tower!", "eiffel tower") == 1.0
+    assert ev.exact_match("an apple", ["a pear", "Apple."]) == 1.0  # any reference
+    assert ev.exact_match("apples", "apple") == 0.0
+    assert ev.exact_match("theater", "ater") == 0.0  # articles are whole words only
+    assert ev.exact_match("  Paris,   France ", "paris france") == 1.0
+    assert ev.exact_match("ÜBER straße", "über Straße") == 1.0
+    assert ev.exact_match("", "") == 1.0
+    assert ev.exact_match("the", "") == 1.0  # nothing left after removing the article
+    assert ev.exact_match("x", []) == 0.0
+
+
+def test_accuracy_strips_whitespace_only():
+    assert ev.accuracy(" A\n", "A") == 1.0
+    assert ev.accuracy("a", "A") == 0.0
+    assert ev.accuracy("A.", "A") == 0.0
+    assert ev.accuracy("", "  ") == 1.0
+
+
+def test_rouge_l_hand_cases():
+    # LCS "the cat on the mat" = 5 of 6 tokens on both sides.
+    assert ev.rouge_l("the cat sat on the mat", "the cat was on the mat") == pytest.approx(5 / 6)
+    # Ties: "a b c d" vs "b a d c" has four LCS alignments of length 2; P = R = 1/2.
+    assert ev.rouge_l("a b c d", "b a d c") == pytest.approx(0.5)
+    # P = 2/2, R = 2/4 -> F = 2/3
+    assert ev.rouge_l("a b", "a b c d") == pytest.approx(2 / 3)
+    # rouge-score's tokenizer keeps [a-z0-9] only: "Über café" -> "ber caf"
+    assert ev.rouge_l("Über café", "uber cafe") == 0.0
+    assert ev.rouge_l("über, CAFÉ!", "Über café") == 1.0
+    assert ev.rouge_l("", "x") == 0.0 and ev.rouge_l("", "") == 0.0 and ev.rouge_l("...", "x") == 0.0
+    assert ev.rouge_l("a", ["b", "a c"]) == pytest.approx(2 / 3)  # best reference
+
+
+def _lcs_table(a, b):
+    t = [[0] * (len(b) + 1) for _ in range(len(a) + 1)]
+    for i in range(len(a)):
+        for j in range(len(b)):
+            t[i + 1][j + 1] = t[i][j] + 1 if a[i] == b[j] else max(t[i][j + 1], t[i + 1][j])
+    return t[-1][-1]
+
+
+def test_lcs_bit_parallel_matches_the_dp_table():
+    rng = random.Random(0)
+    for _ in range(200):
+        a = "".join(rng.choice("abcé\n") for _ in range(rng.randint(0, 150)))
+        b = "".join(rng.choice("abcé\n") for _ in range(rng.randint(0, 150)))
+        assert ev._lcs_length(a, b) == _lcs_table(a, b)
+
+
+def test_edit_similarity_known_values():
+    # kitten / sitting: LCS "ittn" = 4, Indel distance 13 - 8 = 5 -> 8/13 (rapidfuzz: 61.538...)
+    assert ev.edit_similarity("kitten", "sitting") == pytest.approx(8 / 13)
+    assert ev.edit_similarity("", "") == 1.0  # rapidfuzz's fuzz.ratio("", "") is 100
+    assert ev.edit_similarity("abc", "") == 0.0
+    assert ev.edit_similarity("café", "cafe") == pytest.approx(6 / 8)
+    assert ev.edit_similarity("a" * 100, "a" * 50) == pytest.approx(100 / 150)  # past one machine word
+    assert ev.edit_similarity("def f(x):", "def f(x):") == 1.0
+
+
+def test_sari_hand_cases():
+    # Xu et al.'s example sentence, as HF evaluate's sari docstring scores it: 26.9536...
+    src = "About 95 species are currently accepted ."
+    refs = ["About 95 species are currently known .", "About 95 species are now accepted .",
+            "95 species are now accepted ."]
+    assert ev.sari(src, "About 95 you now get in .", refs) == pytest.approx(0.26953601953601954, abs=1e-12)
+    # A perfect deletion: every keep, delete and add score is 1 (empty n-gram sets count 0/0 = 1).
+    assert ev.sari("a b c", "a c", ["a c"]) == pytest.approx(1.0)
+    # source "a b", prediction "a c", reference "a b":
+    #  1-grams keep P 1, R 1/2 -> F 2/3; deleted "b" is kept by the reference -> del P 0; added
+    #  "c" is not in the reference -> add F 0. 2-grams: all 0. 3- and 4-grams: none -> 1, 1, 1.
+    assert ev.sari("a b", "a c", "a b") == pytest.approx((2 / 3 + 6) / 12)
+    # Two references scale the source/prediction counts by 2:
+    #  1-grams: keep P 1, R 2/3 -> F 4/5; "b" deleted twice, kept once by refs -> del P 1/2; add 1.
+    #  2-grams: keep R 0 -> F 0; "a b" deleted twice, kept once -> 1/2; add 1. 3/4-grams 1, 1, 1.
+    assert ev.sari("a b", "a", ["a", "a b"]) == pytest.approx((0.8 + 0.5 + 1 + 0 + 0.5 + 1 + 6) / 12)
+    # Lowercased and 13a-tokenized before n-grams: these three are the same sentence.
+    assert ev.sari("Hello, world.", "hello , world .", ["HELLO, WORLD."]) == pytest.approx(1.0)
+
+
+def test_metrics_against_reference_packages_if_installed():
+    rouge_scorer = pytest.importorskip("rouge_score.rouge_scorer")
+    fuzz = pytest.importorskip("rapidfuzz.fuzz")
+    rng = random.Random(1)
+    words = "the cat sat on über mat 42 , . café a b".split()
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    for _ in range(100):
+        p = " ".join(rng.choice(words) for _ in range(rng.randint(0, 12)))
+        r = " ".join(rng.choice(words) for _ in range(rng.randint(0, 12)))
+        assert ev.rouge_l(p, r) == pytest.approx(scorer.score(r, p)["rougeL"].fmeasure, abs=1e-12)
+        assert ev.edit_similarity(p, r) == pytest.approx(fuzz.ratio(p, r) / 100, abs=1e-12)
+
+
+def test_continual_metrics_worked_example():
+    # OP = (65 + 55 + 90) / 3 = 70; BWT = ((65 - 80) + (55 - 60) + (90 - 90)) / 3 = -20/3
+    R = [[80], [70, 60], [65, 55, 90]]
+    cm = ev.continual_metrics(R)
+    assert cm["OP"] == pytest.approx(70.0) and cm["BWT"] == pytest.approx(-20 / 3)
+    square = [[80, 10, 5], [70, 60, 7], [65, 55, 90]]  # entries above the diagonal are ignored
+    assert ev.continual_metrics(square) == cm
+    assert ev.continual_metrics([[42.0]]) == {"OP": 42.0, "BWT": 0.0}
+    with pytest.raises(ValueError, match="row 1 has 1 scores"):
+        ev.continual_metrics([[1], [2]])
+
+
+# ---------------------------------------------------------------------------------------------
+# Running a tiny model
+
+
+@pytest.fixture(scope="module")
+def tok(spm_path):
+    import data
+    return data.Tokenizer(spm_path)
+
+
+def _tiny_model(tiny_args, seed=0):
+    from model import Transformer
+    model = Transformer(tiny_args)
+    model.init_weights(seed)
+    return model
+
+
+@pytest.fixture
+def tiny_model(tiny_args):
+    return _tiny_model(tiny_args)
+
+
+def _greedy_by_full_forwards(model, ids, n, eos_id):
+    out = []
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = int(model(torch.tensor([ids + out]))[0, -1].argmax())
+            if nxt == eos_id:
+                break
+            out.append(nxt)
+    return out
+
+
+PROMPTS = ["the river is", "paris london city of the year born in", "one",
+           "<|user|>\nadd two plus three\n<|assistant|>\n"]
+
+
+def test_generate_equals_argmax_of_full_forwards(tiny_model, tok):
+    tiny_model.train()
+    expected = [tok.decode(_greedy_by_full_forwards(tiny_model, tok.encode(p, True, False), 7, tok.eos_id))
+                for p in PROMPTS]
+    got = ev.generate(tiny_model, tok, PROMPTS, max_new_tokens=7, batch_size=3)  # batches of 3 and 1
+    assert got == expected
+    assert tiny_model.training  # train mode restored
+    assert ev.generate(tiny_model, tok, PROMPTS[::-1], max_new_tokens=7, batch_size=4) == expected[::-1]
+
+
+def test_generate_stops_at_eos(tiny_model, tok):
+    ids = tok.encode(PROMPTS[1], True, False)
+    free = _greedy_by_full_forwards(tiny_model, ids, 6, eos_id=-1)
+    stop = next(t for t in free[1:] if t != free[0])  # pretend this token is eos
+
+    expected = [tok.decode(_greedy_by_full_forwards(tiny_model, tok.encode(p, True, False), 6, stop)) for p in PROMPTS]
+    assert expected[1] == tok.decode(free[:free.index(stop)])
+    assert ev.generate(tiny_model, _EosAs(tok, stop), PROMPTS, max_new_tokens=6, batch_size=4) == expected
+
+
+def test_generate_left_truncates_long_prompts(tiny_model, tok):
+    rng = random.Random(3)
+    words = ["red", "green", "blue", "code", "def", "one", "river", "paris"]
+    long_prompt = " ".join(rng.choice(words) for _ in range(150))
+    ids = tok.encode(long_prompt, True, False)
+    max_new = 8
+    limit = tiny_model.args.max_seq_len - max_new
+    assert len(ids) > limit
+    kept = [tok.bos_id] + ids[len(ids) - (limit - 1):]  # bos, then the end of the prompt
+    expected = tok.decode(_greedy_by_full_forwards(tiny_model, kept, max_new, tok.eos_id))
+    assert ev.generate(tiny_model, tok, [long_prompt, "one"], max_new_tokens=max_new)[0] == expected
+    assert ev._fit_prompt([1, 5, 6, 7, 8], 3, bos_id=1) == [1, 7, 8]
+    assert ev._fit_prompt([5, 6, 7, 8], 3, bos_id=1) == [6, 7, 8]
+    assert ev._fit_prompt([1, 5, 6], 3, bos_id=1) == [1, 5, 6]
+    with pytest.raises(ValueError, match="max_new_tokens=63"):
+        ev.generate(tiny_model, tok, ["x"], max_new_tokens=63)
+
+
+def _logprob(model, ids, n):
+    """log p of the last n tokens of ids, one full forward, summed token by token."""
+    with torch.no_grad():
+        lp = model(torch.tensor([ids]))[0].log_softmax(-1)
+    return sum(float(lp[j - 1, ids[j]]) for j in range(len(ids) - n, len(ids)))
+
+
+def _write_jsonl(path, records):
+    with open(path, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    return str(path)
+
+
+def test_multiple_choice_picks_the_highest_summed_logprob(tiny_model, tok, tmp_path):
+    questions = [("Which city?", ["paris", "london river", "apple"]), ("Two plus two?", ["four", "five", "six seven"])]
+    picks = []
+    for q, choices in questions:
+        ctx = f"{q}\nAnswer:"
+        n_ctx = len(tok.encode(ctx, True, False))
+        lps = []
+        for c in choices:
+            whole = tok.encode(f"{ctx} {c}", True, False)
+            lps.append(_logprob(tiny_model, whole, len(whole) - n_ctx))
+        picks.append((max(range(3), key=lambda i: lps[i]), lps))
+    (p0, lp0), (p1, _) = picks
+    wrong = (p1 + 1) % 3
+    path = _write_jsonl(tmp_path / "mmlu.jsonl", [
+        {"question": questions[0][0], "choices": questions[0][1], "answer": questions[0][1][p0]},  # right, by text
+        {"question": questions[1][0], "choices": questions[1][1], "answer": "ABC"[wrong]},          # wrong, by letter
+    ])
+    res = ev.evaluate_file(tiny_model, tok, path, batch_size=2)
+    assert res["metric"] == "mc" and res["n"] == 2 and res["higher_is_better"]
+    assert res["score"] == pytest.approx(50.0)
+    assert res["predictions"][0]["logprobs"] == pytest.approx(lp0, abs=1e-4)
+    assert res["predictions"][1]["reference"] == questions[1][1][wrong]
+
+
+def test_perplexity_is_exp_mean_token_nll(tiny_model, tok, tmp_path):
+    texts = ["the river is blue", "one two three four five six", "apple"]
+    path = _write_jsonl(tmp_path / "wiki.jsonl", [{"text": t} for t in texts])
+    nll = ntok = 0
+    for t in texts:
+        ids = tok.encode(t, True, False)
+        nll -= _logprob(tiny_model, ids, len(ids) - 1)
+        ntok += len(ids) - 1
+    res = ev.evaluate_file(tiny_model, tok, path, batch_size=2)
+    assert res["metric"] == "ppl" and not res["higher_is_better"]
+    assert res["score"] == pytest.approx(math.exp(nll / ntok), rel=1e-5)
+    assert res["score"] > 1.0
+    # A .txt file longer than max_seq_len: windows overlapping by one predict each token once.
+    long_text = " ".join(["red green blue code"] * 30)
+    (tmp_path / "long.txt").write_text(long_text)
+    ids = tok.encode(long_text, True, False)
+    L = tiny_model.args.max_seq_len
+    assert len(ids) > 2 * L
+    starts = range(0, len(ids) - 1, L - 1)
+    nll = -sum(_logprob(tiny_model, ids[s:s + L], len(ids[s:s + L]) - 1) for s in starts)
+    res = ev.evaluate_file(tiny_model, tok, str(tmp_path / "long.txt"))
+    assert res["predictions"][0]["tokens"] == len(ids) - 1
+    assert res["score"] == pytest.approx(math.exp(nll / (len(ids) - 1)), rel=1e-5)
+
+
+def test_record_formats_and_metric_choice(tiny_model, tok, tmp_path):
+    prompts = ["the river is", "one two"]
+    preds = ev.generate(tiny_model, tok, prompts, max_new_tokens=5)
+    (tmp_path / "C-STANCE").mkdir()
+    trace = tmp_path / "C-STANCE" / "test.json"
+    trace.write_text(json.dumps([{"prompt": prompts[0], "answer": preds[0]},
+                                 {"prompt": prompts[1], "answer": preds[1] + " no"}]))
+    res = ev.evaluate_file(tiny_model, tok, str(trace), max_new_tokens=5)
+    assert res["metric"] == "accuracy" and res["score"] == pytest.approx(50.0)
+    assert [p["prediction"] for p in res["predictions"]] == preds
+    # The caller's metric overrides the file name; rouge_l gives partial credit.
+    res = ev.evaluate_file(tiny_model, tok, str(trace), metric="rouge_l", max_new_tokens=5)
+    assert res["metric"] == "rouge_l"
+    assert res["predictions"][1]["score"] == pytest.approx(ev.rouge_l(preds[1], preds[1] + " no"))
+
+    import data
+    msgs = [{"role": "user", "content": "add two plus three"}, {"role": "assistant", "content": " five "}]
+    qa = _write_jsonl(tmp_path / "probe.jsonl", [
+        {"messages": msgs, "metric": "em"},
+        {"question": "where is paris", "answers": ["london", "x"], "metric": "em"}])
+    res = ev.evaluate_file(tiny_model, tok, qa, max_new_tokens=4)
+    assert res["metric"] == "em"
+    assert res["predictions"][0]["prompt"] == data.chat_prompt(msgs)
+    assert res["predictions"][0]["reference"] == "five"
+    assert res["predictions"][1]["prompt"] == "Q: where is paris\nA:"
+    assert res["predictions"][1]["reference"] == ["london", "x"]
+    expected = ev.generate(tiny_model, tok, [data.chat_prompt(msgs), "Q: where is paris\nA:"], max_new_tokens=4)
+    assert [p["prediction"] for p in res["predictions"]] == expected
+
+    (tmp_path / "20Minuten").mkdir()
+    sari_file = _write_jsonl(tmp_path / "20Minuten" / "test.jsonl", [{"prompt": "der Hund", "answer": "Hund"}])
+    res = ev.evaluate_file(tiny_model, tok, sari_file, max_new_tokens=4)
+    assert res["metric"] == "sari"
+    p = res["predictions"][0]
+    assert p["score"] == pytest.approx(ev.sari("der Hund", p["prediction"], "Hund"))
+
+    bad = _write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a", "answer": "b"}, {"prompt": "no answer"}])
+    with pytest.raises(data.DataError, match=r"bad.jsonl: line 2: no 'answer'"):
+        ev.evaluate_file(tiny_model, tok, bad)
+
+
+@pytest.mark.parametrize("path,metric", [
+    ("trace/C-STANCE/test.json", "accuracy"), ("trace/FOMC/test.json", "accuracy"),
+    ("MeetingBank.jsonl", "rouge_l"), ("trace/Py150/test.json", "edit_sim"),
+    ("trace/ScienceQA/test.json", "accuracy"), ("trace/NumGLUE-cm/test.json", "accuracy"),
+    ("numglue_ds_test.jsonl", "accuracy"), ("trace/20Minuten/test.json", "sari"),
+])
+def test_trace_task_names_map_to_their_metrics(path, metric):
+    assert ev._default_metric(path, {"prompt": "p", "answer": "a"}) == metric
+
+
+def test_default_metric_by_record_shape():
+    assert ev._default_metric("x/probe.jsonl", {"question": "q", "answer": "a"}) == "em"
+    assert ev._default_metric("x/mmlu.jsonl", {"question": "q", "choices": ["a"], "answer": 0}) == "mc"
+    assert ev._default_metric("x/wiki.txt", {"text": "t"}) == "ppl"
+    assert ev._default_metric("x/chat.jsonl", {"messages": []}) == "accuracy"
+    assert ev._default_metric("x/task.json", {"prompt": "p", "answer": "a"}) == "accuracy"
+
+
+# ---------------------------------------------------------------------------------------------
+# Two ranks, FSDP2-sharded: same results as one process, same forward count on every rank.
+
+
+class _EosAs:
+    """The tokenizer, with another token playing eos (a random tiny model never emits the real one)."""
+
+    def __init__(self, tok, eos_id):
+        self.bos_id, self.eos_id, self.encode, self.decode = tok.bos_id, eos_id, tok.encode, tok.decode
+
+
+DIST_PROMPTS = PROMPTS + ["two"]
+
+
+def _dist_worker(rank, world, init_file, out_dir, args_dict, spm_path, files, stop):
+    import torch.distributed as dist
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    import data
+    from model import ModelArgs, Transformer
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        tok = data.Tokenizer(spm_path)
+        result = {}
+        for name, mp in (("fp32", MixedPrecisionPolicy()), ("bf16", MixedPrecisionPolicy(param_dtype=torch.bfloat16))):
+            model = Transformer(ModelArgs(**args_dict))
+            model.init_weights(0)
+            for block in model.layers:
+                fully_shard(block, mp_policy=mp)
+            fully_shard(model, mp_policy=mp)
+            calls = []
+            model.register_forward_pre_hook(lambda m, a: calls.append(1))
+            if name == "bf16":  # mixed precision: the cache must hold bf16, as attention computes
+                result[name] = {"gen": ev.generate(model, tok, DIST_PROMPTS[:2], max_new_tokens=3)}
+                continue
+            result[name] = {
+                "gen": ev.generate(model, tok, DIST_PROMPTS, max_new_tokens=6, batch_size=2),
+                # Rank 0's first prompt ends at once, rank 1's runs on: rank 0 must keep stepping
+                # in step with it, or its later forwards pair with rank 1's and the counts differ.
+                "eos": ev.generate(model, _EosAs(tok, stop), DIST_PROMPTS[:4], max_new_tokens=6, batch_size=1),
+                "evals": {f: ev.evaluate_file(model, tok, f, batch_size=2)["score"] for f in files},
+                "calls": len(calls)}
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(result, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_fsdp_match_one_process(tiny_args, tok, spm_path, tmp_path):
+    from dataclasses import asdict
+    model = _tiny_model(tiny_args)
+    mc = _write_jsonl(tmp_path / "mc.jsonl", [{"question": f"q{i}", "choices": ["one", "two three"], "answer": i % 2}
+                                            for i in range(3)])
+    ppl = _write_jsonl(tmp_path / "text.jsonl", [{"text": "the river is blue"}, {"text": "one two"},
+                                                 {"text": " ".join(["red green"] * 40)}])
+    files = [mc, ppl]
+    free = [_greedy_by_full_forwards(model, tok.encode(p, True, False), 6, -1) for p in DIST_PROMPTS]
+    stop = free[0][0]
+    assert stop not in free[1] and stop not in free[3], "pick other prompts: rank 1's must not stop early"
+    single = {"gen": ev.generate(model, tok, DIST_PROMPTS, max_new_tokens=6, batch_size=2),
+              "eos": ev.generate(model, _EosAs(tok, stop), DIST_PROMPTS[:4], max_new_tokens=6),
+              "evals": {f: ev.evaluate_file(model, tok, f, batch_size=2)["score"] for f in files}}
+    assert single["eos"][0] == "" and single["eos"][1] == single["gen"][1]
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_dist_worker, args=(r, 2, str(tmp_path / "init"), str(tmp_path), asdict(tiny_args),
+                                                    spm_path, files, stop)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    for p in procs:
+        if p.is_alive():  # a rank stuck in a collective: the other made a different number of calls
+            p.kill()
+            pytest.fail("a rank hung: ranks made different numbers of forward calls")
+        assert p.exitcode == 0
+    r0, r1 = (json.load(open(tmp_path / f"rank{r}.json")) for r in range(2))
+    assert r0 == r1  # every rank gets all results, and made the same number of calls
+    assert r0["fp32"]["gen"] == single["gen"] and r0["fp32"]["eos"] == single["eos"]
+    for f in files:
+        assert r0["fp32"]["evals"][f] == pytest.approx(single["evals"][f], rel=1e-5)
+    assert len(r0["bf16"]["gen"]) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+
+def test_write_report_two_stages(tmp_path):
+    def r(score, metric="accuracy"):
+        return {"score": score, "metric": metric}
+
+    base = {"evals": {"a.json": r(10), "b.json": r(20), "c.json": r(30)},
+            "probes": {"nq.jsonl": r(40, "em"),
+                       "wiki.txt": {"score": 10.0, "metric": "ppl", "higher_is_better": False}}}
+    stages = [
+        {"name": "A", "eval_files": ["a.json"], "evals": {"a.json": r(80)},
+         "probes": {"nq.jsonl": r(30, "em"), "wiki.txt": {"score": 20.0, "metric": "ppl", "higher_is_better": False}}},
+        {"name": "B", "eval_files": ["b.json", "c.json"], "evals": {"a.json": r(70), "b.json": r(60), "c.json": r(40)},
+         "probes": {"nq.jsonl": r(20, "em"), "wiki.txt": {"score": 12.5, "metric": "ppl", "higher_is_better": False}}},
+    ]
+    rep = ev.write_report(str(tmp_path), base, stages)
+    # Task B is the mean of b and c: R = [[80], [70, 50]]; OP = 60; BWT = ((70 - 80) + 0) / 2 = -5
+    assert rep["R"] == [[80.0], [70.0, 50.0]]
+    assert rep["base_row"] == [10.0, 25.0]
+    assert rep["OP"] == pytest.approx(60.0) and rep["BWT"] == pytest.approx(-5.0)
+    nq = rep["probes"]["nq.jsonl"]
+    assert [s["retention"] for s in nq["stages"]] == pytest.approx([75.0, 50.0])
+    wiki = rep["probes"]["wiki.txt"]  # perplexity: retention is base / score
+    assert [s["retention"] for s in wiki["stages"]] == pytest.approx([50.0, 80.0])
+    assert json.loads((tmp_path / "report.json").read_text()) == json.loads(json.dumps(rep))
+    md = (tmp_path / "report.md").read_text()
+    assert "| after stage | A | B |" in md
+    assert "| (base) | 10.00 | 25.00 |" in md
+    assert "| A | 80.00 |  |" in md and "| B | 70.00 | 50.00 |" in md
+    assert "**OP** 60.00" in md and "**BWT** -5.00" in md
+    assert "| nq.jsonl | em | 40.00 | 30.00 (75.0%) | 20.00 (50.0%) |" in md
+    assert "| wiki.txt | ppl (lower is better) | 10.00 | 20.00 (50.0%) | 12.50 (80.0%) |" in md
+    assert sorted(os.listdir(tmp_path)) == ["report.json", "report.md"]  # no temp files left
+    with pytest.raises(ValueError, match=r"stage 'B' has no result for \['a.json'\]"):
+        ev.write_report(str(tmp_path), base, [stages[0], {**stages[1], "evals": {"b.json": r(1), "c.json": r(1)}}])
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def test_cli_on_a_saved_tiny_model(tiny_args, tok, spm_path, tmp_path, capsys):
+    import shutil
+
+    import model as model_lib
+    if not hasattr(model_lib, "save_model"):
+        pytest.skip("model.save_model does not exist yet, so the CLI cannot load a saved tiny model")
+    m = _tiny_model(tiny_args)
+    model_dir = tmp_path / "tiny"
+    model_lib.save_model(m, str(model_dir))
+    shutil.copy(spm_path, model_dir / "tokenizer.model")
+    qa = _write_jsonl(tmp_path / "probe.jsonl", [{"question": "where is paris", "answer": "london"}])
+    out = tmp_path / "results.json"
+    assert ev.main(["--model", str(model_dir), "--data", qa, "--max-new-tokens", "4", "--max-seq-len", "64",
+                    "--out", str(out)]) == 0
+    res = json.loads(out.read_text())["results"][0]
+    assert res["metric"] == "em" and res["n"] == 1
+    assert res["predictions"][0]["prediction"] == ev.generate(m, tok, ["Q: where is paris\nA:"], 4)[0]
+    assert "probe.jsonl" in capsys.readouterr().out
+
+
+def test_cli_reports_a_bad_file_and_fails(tiny_args, spm_path, tmp_path, capsys):
+    import model as model_lib
+    if not hasattr(model_lib, "save_model"):
+        pytest.skip("model.save_model does not exist yet, so the CLI cannot load a saved tiny model")
+    model_dir = tmp_path / "tiny"
+    model_lib.save_model(_tiny_model(tiny_args), str(model_dir))
+    missing = str(tmp_path / "nope.jsonl")
+    assert ev.main(["--model", str(model_dir), "--tokenizer", spm_path, "--data", missing]) == 2
+    assert "nope.jsonl" in capsys.readouterr().err

@@ -1,0 +1,225 @@
+"""The stage runner under torchrun on CPU (gloo, 2 processes), on a tiny official-format model."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+
+TRAIN = os.path.join(ROOT, "train.py")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(cfg_path, nproc=2, extra=(), env=None, check=True, nnodes_args=None, timeout=240):
+    cmd = [sys.executable, "-m", "torch.distributed.run"]
+    cmd += nnodes_args or ["--standalone", f"--nproc_per_node={nproc}"]
+    cmd += [TRAIN, "--config", str(cfg_path), *extra]
+    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
+    p = subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"torchrun failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
+    return p
+
+
+def load_weights(stage_dir):
+    return torch.load(os.path.join(stage_dir, "consolidated.00.pth"), weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, spm_path):
+    """A tiny Meta-format base checkpoint and data files in the published layouts."""
+    import shutil
+    from model import ModelArgs, Transformer, save_model
+    root = tmp_path_factory.mktemp("train")
+    args = ModelArgs(dim=64, n_layers=4, n_heads=4, vocab_size=320, multiple_of=32, max_seq_len=64)
+    m = Transformer(args)
+    m.init_weights(seed=0)
+    save_model(m, str(root / "base"), format="meta", tokenizer=spm_path)
+    shutil.copy(spm_path, root / "tokenizer.model")
+
+    def conv(i):
+        msgs = [{"role": "user", "content": f"add {i % 10} plus {(i * 3) % 10}"},
+                {"role": "assistant", "content": f"the answer is {(i % 10) + (i * 3) % 10}"}]
+        if i % 3 == 0:
+            msgs = [{"role": "system", "content": "be brief"}] + msgs
+        return {"dataset": "toy", "id": f"c{i}", "messages": msgs}
+
+    with open(root / "sft.jsonl", "w") as f:
+        for i in range(48):
+            f.write(json.dumps(conv(i)) + "\n")
+    with open(root / "trace.json", "w") as f:
+        json.dump([{"prompt": f"sort {i} {i + 2} {i + 1} :", "answer": f"{i} {i + 1} {i + 2}"} for i in range(40)], f)
+    with open(root / "trace_test.json", "w") as f:
+        json.dump([{"prompt": f"sort {i} {i + 2} {i + 1} :", "answer": f"{i} {i + 1} {i + 2}"} for i in range(6)], f)
+    with open(root / "dpo.jsonl", "w") as f:
+        for i in range(32):
+            p = f"which color is {i}?"
+            f.write(json.dumps({"prompt": p,
+                                "chosen": [{"role": "user", "content": p}, {"role": "assistant", "content": "red"}],
+                                "rejected": [{"role": "user", "content": p}, {"role": "assistant", "content": "blue green"}]}) + "\n")
+    with open(root / "probes.jsonl", "w") as f:
+        for i in range(4):
+            f.write(json.dumps({"question": f"where was {i} born", "answer": "paris"}) + "\n")
+    return root
+
+
+def write_cfg(root, name, stages, **over):
+    t = {"lr": 1e-3, "warmup_ratio": 0.1, "batch_size": 8, "micro_batch_size": 2, "epochs": 1,
+         "max_steps": 0, "grad_clip": 1.0, "precision": "fp32", "weight_decay": 0.1, "save_every": 0}
+    t.update(over.pop("train", {}))
+    h = {"granularity": "category", "ratio": 0.5, "train_embeddings": True}
+    h.update(over.pop("hft", {}))
+    lines = [f'out_dir = "{root / name}"', "seed = 1", "[model]", f'path = "{root / "base"}"',
+             "max_seq_len = 64", "[hft]"]
+    lines += [f"{k} = {json.dumps(v)}" for k, v in h.items()]
+    lines += ["[train]"] + [f"{k} = {json.dumps(v)}" for k, v in t.items()]
+    if "probes" in over:
+        lines += ["[eval]", f"probes = {json.dumps(over.pop('probes'))}", "max_new_tokens = 4"]
+    for s in stages:
+        lines.append("[[stages]]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in s.items()]
+    path = root / f"{name}.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def two_stages(root):
+    return [{"name": "sft", "kind": "sft", "train": str(root / "sft.jsonl")},
+            {"name": "trace", "kind": "sft", "train": str(root / "trace.json"), "save_every": 2}]
+
+
+@pytest.fixture(scope="module")
+def hft2(world):
+    """The reference run: two HFT stages on 2 ranks."""
+    cfg = write_cfg(world, "hft2", two_stages(world))
+    torchrun(cfg)
+    return world / "hft2"
+
+
+def test_two_stage_hft_freezes_exactly_the_mask(world, hft2):
+    base = load_weights(world / "base")
+    s1, s2 = load_weights(hft2 / "sft"), load_weights(hft2 / "trace")
+    m1 = set(json.load(open(hft2 / "sft" / "mask.json"))["trainable"])
+    m2 = set(json.load(open(hft2 / "trace" / "mask.json"))["trainable"])
+    assert m1 != m2, "each stage draws its own mask"
+    for before, after, mask in ((base, s1, m1), (s1, s2, m2)):
+        for name in before:
+            if name not in mask:
+                assert torch.equal(before[name], after[name]), f"frozen {name} changed"
+            else:
+                assert not torch.equal(before[name], after[name]), f"trainable {name} did not change"
+    for stage in ("sft", "trace"):
+        lines = [json.loads(ln) for ln in open(hft2 / stage / "metrics.jsonl")]
+        assert [r["step"] for r in lines] == list(range(1, len(lines) + 1))
+        assert {"step", "loss", "lr", "grad_norm", "tokens_per_s"} <= set(lines[0])
+        assert not (hft2 / stage / "checkpoints").exists()
+        assert (hft2 / stage / "params.json").exists() and (hft2 / stage / "tokenizer.model").exists()
+    summary = json.load(open(hft2 / "summary.json"))
+    assert [s["name"] for s in summary["stages"]] == ["sft", "trace"]
+    # First stage starts at the base model, so its first loss is the base model's loss.
+    assert all(s["optimizer_state_bytes"] > 0 for s in summary["stages"])
+
+
+def test_one_rank_equals_two_ranks(world, hft2):
+    cfg = write_cfg(world, "hft1", two_stages(world))
+    torchrun(cfg, nproc=1)
+    a, b = load_weights(hft2 / "trace"), load_weights(world / "hft1" / "trace")
+    # Summation order differs between 1 and 2 ranks; Adam's m/sqrt(v) can turn a last-bit gradient
+    # difference on a near-zero gradient into a visible one, so: bitwise-close on average, and no
+    # element off by more than 2% of one step's size (lr 1e-3).
+    for k in a:
+        d = (a[k] - b[k]).abs()
+        assert d.max() < 2e-5 and d.mean() < 1e-7, (k, d.max().item(), d.mean().item())
+    for stage in ("sft", "trace"):
+        la = [json.loads(x)["loss"] for x in open(hft2 / stage / "metrics.jsonl")]
+        lb = [json.loads(x)["loss"] for x in open(world / "hft1" / stage / "metrics.jsonl")]
+        assert len(la) == len(lb) and max(abs(x - y) for x, y in zip(la, lb)) < 1e-5, (la, lb)
+
+
+def test_kill9_then_rerun_equals_uninterrupted(world, hft2):
+    cfg = write_cfg(world, "crash", two_stages(world))
+    # Rank 0 SIGKILLs itself right after optimizer step 3 of the second stage (checkpoint at 2).
+    p = torchrun(cfg, env={"HFT_FAULT_AT": "trace:3"}, check=False)
+    assert p.returncode != 0
+    assert (world / "crash" / "sft" / "done.json").exists()
+    assert not (world / "crash" / "trace" / "done.json").exists()
+    ck = sorted(os.listdir(world / "crash" / "trace" / "checkpoints"))
+    assert ck == ["step-00000002"], ck
+    p = torchrun(cfg)
+    assert "stage 'sft' is done" in p.stdout
+    assert "resuming stage 'trace'" in p.stdout
+    a, b = load_weights(hft2 / "trace"), load_weights(world / "crash" / "trace")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    steps = [json.loads(ln)["step"] for ln in open(world / "crash" / "trace" / "metrics.jsonl")]
+    assert steps == list(range(1, len(steps) + 1))
+
+
+def test_fft_run_changes_every_tensor(world):
+    cfg = write_cfg(world, "fft", two_stages(world)[:1], hft={"granularity": "none"})
+    torchrun(cfg)
+    base, after = load_weights(world / "base"), load_weights(world / "fft" / "sft")
+    assert all(not torch.equal(base[k], after[k]) for k in base)
+    mask = json.load(open(world / "fft" / "sft" / "mask.json"))
+    assert set(mask["trainable"]) == set(base)
+
+
+def test_dpo_stage_starts_at_ln2(world):
+    cfg = write_cfg(world, "dpo", [{"name": "dpo", "kind": "dpo", "train": str(world / "dpo.jsonl"),
+                                    "lr": 5e-4, "epochs": 2}])
+    torchrun(cfg)
+    lines = [json.loads(ln) for ln in open(world / "dpo" / "dpo" / "metrics.jsonl")]
+    assert abs(lines[0]["loss"] - 0.6931) < 1e-3
+    assert {"reward_acc", "reward_margin", "chosen_reward", "rejected_reward"} <= set(lines[0])
+    assert lines[-1]["loss"] < lines[0]["loss"]
+    assert (world / "dpo" / "dpo" / "ref_logps.pt").exists()
+
+
+def test_two_nodes_equal_one_node(world, hft2):
+    cfg = write_cfg(world, "nodes", two_stages(world))
+    port = free_port()
+    procs = []
+    for node in range(2):
+        args = ["--nnodes=2", "--nproc_per_node=1", f"--node_rank={node}", "--rdzv_backend=c10d",
+                f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=hfttest"]
+        cmd = [sys.executable, "-m", "torch.distributed.run", *args, TRAIN, "--config", str(cfg)]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outs = [p.communicate(timeout=240)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
+    a, b = load_weights(hft2 / "trace"), load_weights(world / "nodes" / "trace")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_unknown_config_key_is_rejected_before_compute(world, tmp_path):
+    cfg = write_cfg(world, "bad", two_stages(world), train={"lrr": 1.0})
+    p = torchrun(cfg, nproc=1, check=False)
+    assert p.returncode != 0 and "train.lrr" in p.stderr
+    assert not (world / "bad").exists()
+    cfg = write_cfg(world, "bad2", two_stages(world))
+    p = torchrun(cfg, nproc=1, extra=["--hft.granularity", "halves"], check=False)
+    assert p.returncode != 0 and "hft.granularity" in p.stderr
+
+
+def test_config_overrides(world):
+    sys.path.insert(0, ROOT)
+    import train
+    cfg = write_cfg(world, "ov", two_stages(world))
+    c = train.load_config(str(cfg), ["--train.lr", "3e-4", "--hft.granularity=none", "--stages.1.epochs", "2"])
+    assert c["stages"][0]["train_cfg"]["lr"] == 3e-4 and c["stages"][1]["train_cfg"]["epochs"] == 2
+    assert c["stages"][0]["train_cfg"]["epochs"] == 1 and c["stages"][0]["hft"]["granularity"] == "none"
+    with pytest.raises(train.ConfigError, match="stages\\[0\\].bogus"):
+        train.load_config(str(cfg), ["--stages.0.bogus", "1"])
+    with pytest.raises(train.ConfigError, match="train.batch_size"):
+        train.load_config(str(cfg), ["--train.batch_size", "'eight'"])

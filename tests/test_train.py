@@ -73,6 +73,14 @@ def world(tmp_path_factory, spm_path):
     return root
 
 
+def toml_value(v):
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + "}"
+    if isinstance(v, list):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    return json.dumps(v)
+
+
 def write_cfg(root, name, stages, **over):
     t = {"lr": 1e-3, "warmup_ratio": 0.1, "batch_size": 8, "micro_batch_size": 2, "epochs": 1,
          "max_steps": 0, "grad_clip": 1.0, "precision": "fp32", "weight_decay": 0.1, "save_every": 0}
@@ -87,7 +95,7 @@ def write_cfg(root, name, stages, **over):
         lines += ["[eval]", f"probes = {json.dumps(over.pop('probes'))}", "max_new_tokens = 4"]
     for s in stages:
         lines.append("[[stages]]")
-        lines += [f"{k} = {json.dumps(v)}" for k, v in s.items()]
+        lines += [f"{k} = {toml_value(v)}" for k, v in s.items()]
     path = root / f"{name}.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -165,13 +173,80 @@ def test_kill9_then_rerun_equals_uninterrupted(world, hft2):
     assert steps == list(range(1, len(steps) + 1))
 
 
-def test_fft_run_changes_every_tensor(world):
-    cfg = write_cfg(world, "fft", two_stages(world)[:1], hft={"granularity": "none"})
+def test_fft_run_with_evals_writes_the_continual_report(world):
+    stages = two_stages(world)
+    stages[0]["eval"] = [str(world / "trace_test.json")]
+    import shutil
+    shutil.copy(world / "trace_test.json", world / "trace_test_b.json")
+    stages[1]["eval"] = [{"path": str(world / "trace_test_b.json"), "metric": "rouge_l"}]
+    cfg = write_cfg(world, "fft", stages, hft={"granularity": "none"}, probes=[str(world / "probes.jsonl")])
     torchrun(cfg)
     base, after = load_weights(world / "base"), load_weights(world / "fft" / "sft")
     assert all(not torch.equal(base[k], after[k]) for k in base)
     mask = json.load(open(world / "fft" / "sft" / "mask.json"))
     assert set(mask["trainable"]) == set(base)
+    # The matrix: task i = stage i's eval files, scored after every later stage.
+    report = json.load(open(world / "fft" / "report.json"))
+    ev0 = json.load(open(world / "fft" / "sft" / "eval.json"))
+    ev1 = json.load(open(world / "fft" / "trace" / "eval.json"))
+    R = report["R"] if "R" in report else report["matrix"]
+    assert len(R) == 2 and len(R[1]) == 2
+    f, g = str(world / "trace_test.json"), str(world / "trace_test_b.json")
+    assert R[0][0] == pytest.approx(ev0["evals"][f]["score"])
+    assert R[1][0] == pytest.approx(ev1["evals"][f]["score"])
+    assert R[1][1] == pytest.approx(ev1["evals"][g]["score"])
+    assert ev1["evals"][f]["metric"] == "accuracy" and ev1["evals"][g]["metric"] == "rouge_l"
+    assert (world / "fft" / "report.md").exists() and (world / "fft" / "base_eval.json").exists()
+    # Re-running a finished run retrains nothing and rewrites the same report.
+    p = torchrun(cfg, nproc=1)
+    assert "stage 'sft' is done" in p.stdout and "stage 'trace' is done" in p.stdout
+    assert json.load(open(world / "fft" / "report.json")) == report
+
+
+def test_bad_data_line_stops_the_stage_before_anything_is_written(world):
+    bad = world / "bad.jsonl"
+    lines = open(world / "sft.jsonl").read().splitlines()
+    lines[6] = lines[6][:-3]
+    bad.write_text("\n".join(lines) + "\n")
+    stages = two_stages(world)
+    stages[1]["train"] = str(bad)
+    cfg = write_cfg(world, "badline", stages)
+    p = torchrun(cfg, check=False)
+    assert p.returncode != 0 and "bad.jsonl" in p.stderr and "line 7" in p.stderr, p.stderr[-2000:]
+    assert (world / "badline" / "sft" / "done.json").exists()
+    assert not (world / "badline" / "trace").exists()
+
+
+def test_non_finite_loss_stops_with_the_stage_and_step(world):
+    cfg = write_cfg(world, "nan", two_stages(world)[:1], train={"lr": 1e30, "grad_clip": 0.0})
+    p = torchrun(cfg, nproc=1, check=False)
+    assert p.returncode != 0
+    assert "stage 'sft' step" in p.stderr and "non-finite" in p.stderr, p.stderr[-2000:]
+    assert not (world / "nan" / "sft" / "done.json").exists()
+    assert not (world / "nan" / "sft" / "consolidated.00.pth").exists()
+
+
+def test_sigterm_saves_a_checkpoint_and_exits(world):
+    import time
+    stages = two_stages(world)[:1]
+    stages[0]["epochs"] = 40
+    cfg = write_cfg(world, "term", stages)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           TRAIN, "--config", str(cfg)]
+    p = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = world / "term" / "sft" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)
+    out = p.communicate(timeout=120)[0]
+    assert "SIGTERM: saved a checkpoint" in out, out[-3000:]
+    ck = sorted(os.listdir(world / "term" / "sft" / "checkpoints"))
+    assert len(ck) == 1 and not (world / "term" / "sft" / "done.json").exists()
+    step = int(ck[0].split("-")[1])
+    assert 3 <= step < 240
+    assert len(metrics.read_text().splitlines()) == step
 
 
 def test_dpo_stage_starts_at_ln2(world):

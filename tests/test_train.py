@@ -261,7 +261,7 @@ def test_dpo_stage_starts_at_ln2(world):
 
 
 def test_two_nodes_equal_one_node(world, hft2):
-    cfg = write_cfg(world, "nodes", two_stages(world))
+    cfg = write_cfg(world, "nodes", two_stages(world)[:1])
     port = free_port()
     procs = []
     for node in range(2):
@@ -272,7 +272,7 @@ def test_two_nodes_equal_one_node(world, hft2):
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outs = [p.communicate(timeout=240)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
-    a, b = load_weights(hft2 / "trace"), load_weights(world / "nodes" / "trace")
+    a, b = load_weights(hft2 / "sft"), load_weights(world / "nodes" / "sft")
     for k in a:
         assert torch.equal(a[k], b[k]), k
 
@@ -298,3 +298,32 @@ def test_config_overrides(world):
         train.load_config(str(cfg), ["--stages.0.bogus", "1"])
     with pytest.raises(train.ConfigError, match="train.batch_size"):
         train.load_config(str(cfg), ["--train.batch_size", "'eight'"])
+
+
+def test_activation_checkpointing_and_hsdp_match_plain_fsdp(world, hft2):
+    # replicate = 2 on 2 ranks: a (replicate, shard) = (2, 1) mesh, i.e. HSDP across two "nodes".
+    cfg = write_cfg(world, "hsdp", two_stages(world)[:1], train={"activation_checkpointing": True, "replicate": 2})
+    torchrun(cfg)
+    a, b = load_weights(hft2 / "sft"), load_weights(world / "hsdp" / "sft")
+    for k in a:
+        d = (a[k] - b[k]).abs()
+        assert d.max() < 2e-5 and d.mean() < 1e-7, (k, d.max().item(), d.mean().item())
+
+
+def test_parameter_granularity_keeps_frozen_elements_and_exports_hf(world):
+    import hft
+    from model import Transformer, load_model
+    stages = two_stages(world)[:1]
+    cfg = write_cfg(world, "elem", stages, hft={"granularity": "parameter"},
+                    train={"export_format": "hf"})
+    torchrun(cfg)
+    out = world / "elem" / "sft"
+    assert (out / "config.json").exists() and (out / "model.safetensors").exists()
+    base, after = load_model(str(world / "base")), load_model(str(out))
+    emask = hft.ElementMask(Transformer(base.args), 0.5, seed=1, stage=0)  # same (seed, stage) draw
+    after_p = dict(after.named_parameters())
+    for name, p in base.named_parameters():
+        if name in emask.masks:
+            frozen = emask.masks[name][1]
+            assert torch.equal(p[frozen], after_p[name][frozen]), name
+            assert not torch.equal(p[~frozen], after_p[name][~frozen]), name

@@ -155,14 +155,16 @@ def test_one_rank_equals_two_ranks(world, hft2):
 
 
 def test_kill9_then_rerun_equals_uninterrupted(world, hft2):
-    cfg = write_cfg(world, "crash", two_stages(world))
-    # Rank 0 SIGKILLs itself right after optimizer step 3 of the second stage (checkpoint at 2).
-    p = torchrun(cfg, env={"HFT_FAULT_AT": "trace:3"}, check=False)
+    stages = two_stages(world)
+    stages[1]["save_every"] = 1
+    cfg = write_cfg(world, "crash", stages)
+    # Rank 0 SIGKILLs itself right after optimizer step 4 of the second stage, before saving it.
+    p = torchrun(cfg, env={"HFT_FAULT_AT": "trace:4"}, check=False)
     assert p.returncode != 0
     assert (world / "crash" / "sft" / "done.json").exists()
     assert not (world / "crash" / "trace" / "done.json").exists()
     ck = sorted(os.listdir(world / "crash" / "trace" / "checkpoints"))
-    assert ck == ["step-00000002"], ck
+    assert ck == ["step-00000002", "step-00000003"], ck  # complete ones only, the last two
     p = torchrun(cfg)
     assert "stage 'sft' is done" in p.stdout
     assert "resuming stage 'trace'" in p.stdout

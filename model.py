@@ -142,8 +142,8 @@ class Attention(nn.Module):
         if cache is not None:
             cache.k[layer][:B, :, start_pos:start_pos + T] = k
             cache.v[layer][:B, :, start_pos:start_pos + T] = v
-            k = cache.k[layer][:B, :, :start_pos + T]
-            v = cache.v[layer][:B, :, :start_pos + T]
+            k = cache.k[layer][:B, :, :start_pos + T].to(q.dtype)
+            v = cache.v[layer][:B, :, :start_pos + T].to(q.dtype)
         if self.n_kv_heads != self.n_heads:
             # Grouped-query attention (70B): kv head j serves query heads j*rep .. (j+1)*rep-1.
             rep = self.n_heads // self.n_kv_heads
@@ -217,9 +217,18 @@ class Transformer(nn.Module):
             vals = torch.randn(p.shape, generator=gen, dtype=torch.float32) * std
             p.copy_(vals.to(p.dtype))
 
-    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+    def _apply(self, fn, recurse=True):
+        # model.to(torch.bfloat16) would round the rotary angles too; Meta keeps them in float32.
+        super()._apply(fn, recurse)
+        if self.rope.dtype != torch.float32 and not self.rope.is_meta:
+            self.init_buffers()
+        return self
+
+    def new_cache(self, batch_size: int, max_len: int, dtype: Optional[torch.dtype] = None) -> KVCache:
+        """An empty KV cache, by default in the parameters' dtype (attention casts what it reads
+        to its compute dtype, so a float32 cache under bf16 mixed precision is still correct)."""
         p = self.output.weight
-        return KVCache(self.args, batch_size, max_len, p.dtype, p.device)
+        return KVCache(self.args, batch_size, max_len, dtype or p.dtype, p.device)
 
     def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache: Optional[KVCache] = None,
                 key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:

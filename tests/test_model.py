@@ -547,3 +547,21 @@ def test_transformers_reads_our_export_and_we_read_theirs(tmp_path, spm_path):
     assert ours.args.ffn_hidden_dim == 176 and ours.args.max_seq_len == 128
     with torch.no_grad():
         assert (theirs(toks).logits - ours(toks)).abs().max() < 1e-4
+
+
+def test_bf16_cast_keeps_rotary_table_float32_and_cache_casts(tiny_args):
+    from model import Transformer
+    m = Transformer(tiny_args)
+    m.init_weights(seed=0)
+    ref = m.rope.clone()
+    m = m.to(torch.bfloat16)
+    assert m.rope.dtype == torch.float32 and torch.equal(m.rope, ref)
+    assert m.tok_embeddings.weight.dtype == torch.bfloat16
+    # A float32 cache under a bf16 model: attention casts what it reads (mixed precision decode).
+    tokens = torch.randint(0, tiny_args.vocab_size, (2, 6))
+    cache = m.new_cache(2, 16, dtype=torch.float32)
+    with torch.no_grad():
+        out = torch.cat([m(tokens[:, :4], 0, cache), m(tokens[:, 4:], 4, cache)], dim=1)
+        full = m(tokens)
+    assert cache.k[0].dtype == torch.float32
+    assert (out.argmax(-1) == full.argmax(-1)).float().mean() > 0.9

@@ -98,8 +98,19 @@ def launch(args, argv):
     cores (OMP_NUM_THREADS), and return torchrun's exit code."""
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.nproc)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+    # --nproc is dropped: under torchrun the world size says it (and torchrun's own parser would
+    # take "--nproc" for an abbreviation of its --nproc-per-node).
+    rest, skip = [], False
+    for a in argv:
+        if skip or a.startswith("--nproc="):
+            skip = False
+            continue
+        if a == "--nproc":
+            skip = True
+            continue
+        rest.append(a)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-           os.path.abspath(__file__), *argv]
+           os.path.abspath(__file__), *rest]
     return subprocess.call(cmd, env=env)
 
 
@@ -122,6 +133,8 @@ def build(mode: str, margs: ModelArgs, tcfg: dict, device, args) -> dict:
         for name, p in model.named_parameters():
             local, g = (p.to_local(), shards) if isinstance(p, DTensor) else (p, whole)
             local.fill_(1.0) if name.endswith("norm.weight") else local.normal_(0.0, 0.02, generator=g)
+            if not isinstance(p, DTensor):  # replicated frozen tensor: compute dtype, as train.build_model
+                p.data = p.data.to(train.compute_dtype(tcfg, device))
     opt = torch.optim.AdamW(hft.param_groups(model, tcfg["weight_decay"]), lr=tcfg["lr"],
                             betas=tuple(tcfg["betas"]), foreach=True)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -129,22 +142,9 @@ def build(mode: str, margs: ModelArgs, tcfg: dict, device, args) -> dict:
 
 
 def shard(model: Transformer, tcfg: dict, device, replicate_frozen: bool = False):
-    """train.shard_model, or (replicate_frozen) the same with every frozen tensor left out of
-    FSDP (`ignored_params`): kept whole on every rank, in the compute dtype, it is never
-    all-gathered, in forward or in backward. The proposed train.py option, shown here by wrapping
-    train.py's own fully_shard calls."""
-    if not replicate_frozen:
-        return train.shard_model(model, tcfg, device)
-    frozen = {p for p in model.parameters() if not p.requires_grad}
-    if tcfg["precision"] == "bf16" and device.type == "cuda":
-        for p in frozen:  # FSDP casts only what it manages; these must be bf16 already
-            p.data = p.data.to(torch.bfloat16)
-    orig = train.fully_shard
-    train.fully_shard = lambda module, **kw: orig(module, ignored_params=frozen, **kw)
-    try:
-        return train.shard_model(model, tcfg, device)
-    finally:
-        train.fully_shard = orig
+    """train.shard_model; `replicate_frozen` (hft-rep) is train.py's `[train] replicate_frozen`:
+    every frozen tensor left out of FSDP, whole on every rank, never all-gathered."""
+    return train.shard_model(model, dict(tcfg, replicate_frozen=replicate_frozen), device)
 
 
 def make_batches(n: int, margs: ModelArgs, seq: int, batch: int, accum: int, seed: int) -> list:

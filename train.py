@@ -50,7 +50,7 @@ DEFAULTS = {
         "weight_decay": 0.0, "betas": [0.9, 0.999], "batch_size": 128, "micro_batch_size": 1,
         "epochs": 1, "max_steps": 0, "grad_clip": 1.0, "precision": "bf16",
         "activation_checkpointing": False, "save_every": 0, "dpo_beta": 0.1,
-        "export_format": "meta", "export_dtype": "fp32", "replicate": 1,
+        "export_format": "meta", "export_dtype": "fp32", "replicate": 1, "replicate_frozen": False,
     },
     "eval": {"probes": [], "max_new_tokens": 64, "batch_size": 8},
     "stages": [],
@@ -217,24 +217,33 @@ def log(*a):
         print(*a, flush=True)
 
 
+def compute_dtype(tcfg: dict, device) -> torch.dtype:
+    return torch.bfloat16 if tcfg["precision"] == "bf16" and device.type == "cuda" else torch.float32
+
+
 def shard_model(model: Transformer, tcfg: dict, device) -> Transformer:
     """fully_shard each TransformerBlock, then the root (1-D mesh, or 2-D (replicate, shard) for
     HSDP); bf16 compute with fp32 gradient reduction on GPU, fp32 on CPU. Call on a meta-device
-    model whose requires_grad already carries the HFT mask; materialise with `to_empty` after."""
+    model whose requires_grad already carries the HFT mask; materialise with `to_empty` after.
+
+    `replicate_frozen`: frozen tensors stay out of FSDP, whole on every rank in the compute dtype,
+    so they are never all-gathered (forward or backward) nor cast. It trades their memory on every
+    rank for communication: bench.py measures what it saves."""
     world = dist.get_world_size()
     rep = tcfg["replicate"]
     if world % rep:
         raise ConfigError(f"train.replicate = {rep} does not divide the world size {world}")
     mesh = (init_device_mesh(device.type, (rep, world // rep), mesh_dim_names=("replicate", "shard"))
             if rep > 1 else init_device_mesh(device.type, (world,), mesh_dim_names=("shard",)))
-    bf16 = tcfg["precision"] == "bf16" and device.type == "cuda"
+    bf16 = compute_dtype(tcfg, device) == torch.bfloat16
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
     if tcfg["activation_checkpointing"]:
         for block in model.layers:
             _checkpoint_block(block)
+    frozen = {p for p in model.parameters() if not p.requires_grad} if tcfg["replicate_frozen"] else None
     for block in model.layers:
-        fully_shard(block, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
+        fully_shard(block, mesh=mesh, mp_policy=mp, ignored_params=frozen)
+    fully_shard(model, mesh=mesh, mp_policy=mp, ignored_params=frozen)
     # The loss is already normalised by the global token count: reduce gradients by sum.
     for m in model.modules():
         if isinstance(m, FSDPModule):
@@ -260,9 +269,13 @@ def build_model(path: str, tcfg: dict, trainable: set[str] | None, device, max_s
     with torch.no_grad():
         for name, p in model.named_parameters():
             full = reader.get(name, dtype=torch.float32).to(device)
-            local = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local()
-            p.to_local().copy_(local)
-            del full, local
+            if isinstance(p, DTensor):
+                local = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local()
+                p.to_local().copy_(local)
+                del local
+            else:  # a frozen tensor outside FSDP (train.replicate_frozen): whole, compute dtype
+                p.data = full.to(compute_dtype(tcfg, device))
+            del full
     return model, reader
 
 
@@ -349,12 +362,17 @@ def load_training_checkpoint(ckpt, model, opt, device) -> int:
     return int(os.path.basename(ckpt).split("-")[1])
 
 
-def export(model, args, path, fmt, dtype_name, tokenizer_path):
+def export(model, reader, path, fmt, dtype_name, tokenizer_path):
     """Gather full weights to rank 0 (CPU) and write them atomically in Meta or HF format."""
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.get_rank() == 0:
+        for name, p in model.named_parameters():
+            if not isinstance(p, DTensor) and p.dtype != torch.float32:
+                # A frozen tensor kept in bf16 for compute (replicate_frozen on GPU): it never
+                # changed, so the stage's input holds it exactly, at full precision.
+                full[name] = reader.get(name, dtype=torch.float32)
         dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
-        save_checkpoint(full, args, path, format=fmt, tokenizer=tokenizer_path, dtype=dtype)
+        save_checkpoint(full, reader.args, path, format=fmt, tokenizer=tokenizer_path, dtype=dtype)
     del full
     dist.barrier()
 
@@ -564,7 +582,7 @@ def run_stage(cfg, idx, stage, init_path, tok, device) -> dict:
     opt_bytes = all_sum(local_bytes(v for s in opt.state.values() for v in s.values()), device)
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    export(model, reader.args, os.path.join(cfg["out_dir"], f".{name}.export"),
+    export(model, reader, os.path.join(cfg["out_dir"], f".{name}.export"),
            t["export_format"], t["export_dtype"], cfg["model"]["tokenizer"])
     return {"model": model, "stats": {
         "name": name, "kind": kind, "steps": total, "resumed_from_step": start,

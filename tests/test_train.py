@@ -329,3 +329,15 @@ def test_parameter_granularity_keeps_frozen_elements_and_exports_hf(world):
             frozen = emask.masks[name][1]
             assert torch.equal(p[frozen], after_p[name][frozen]), name
             assert not torch.equal(p[~frozen], after_p[name][~frozen]), name
+
+
+def test_replicate_frozen_matches_sharded_frozen(world, hft2):
+    cfg = write_cfg(world, "repfrozen", two_stages(world)[:1], train={"replicate_frozen": True})
+    torchrun(cfg)
+    base, a, b = load_weights(world / "base"), load_weights(hft2 / "sft"), load_weights(world / "repfrozen" / "sft")
+    mask = set(json.load(open(world / "repfrozen" / "sft" / "mask.json"))["trainable"])
+    for k in a:
+        d = (a[k] - b[k]).abs()
+        assert d.max() < 2e-5 and d.mean() < 1e-7, (k, d.max().item(), d.mean().item())
+        if k not in mask:
+            assert torch.equal(base[k], b[k]), k

@@ -12,5 +12,9 @@ $(VENV_STAMP): requirements.txt
 test: $(VENV_STAMP)
 	$(PY) -m pytest -q tests
 
+# The whole pipeline on a tiny LLaMA it builds itself, FFT against HFT (demo/run.py; README "The demo").
+demo: $(VENV_STAMP)
+	$(PY) demo/run.py
+
 clean:
 	rm -rf runs .pytest_cache

@@ -1,0 +1,154 @@
+"""`make demo`, reduced: the whole pipeline (synthetic world -> tokenizer -> random Meta checkpoint
+-> torchrun `lm` pretraining -> FFT and HFT chains of SFT stages -> combined report) on a tiny
+world, with the real configs cut to two stages and a few steps."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+
+sys.path.insert(0, ROOT)
+from demo import run, world  # noqa: E402
+
+ARGS = ["--entities", "24", "--probes", "16", "--train-per-task", "32", "--test-per-task", "8",
+        "--vocab-size", "400", "--dim", "32", "--n-layers", "2", "--n-heads", "2",
+        "--base-args", "--train.max_steps 4 --train.batch_size 8 --train.micro_batch_size 4",
+        "--train-args", "--train.max_steps 3 --train.batch_size 8 --train.micro_batch_size 4 --eval.max_new_tokens 4"]
+
+
+def test_world_is_seeded_and_splits_are_disjoint():
+    a, b, c = world.make_entities(50, 0), world.make_entities(50, 0), world.make_entities(50, 1)
+    assert a == b and a != c
+    assert len({p["name"] for p in a}) == 50
+    docs = {d["text"] for d in world.pretrain_docs(a, 0)}
+    for q in world.knowledge_probes(a, 40, 0):  # every probe is answered, in its format, in pretraining
+        assert f"Q: {q['question']}\nA: {q['answer']}" in docs
+    for name in world.TASKS:
+        train, test = world.task_split(name, 60, 20, 0)
+        assert len(train) == 60 and len(test) == 20
+        prompts = lambda recs: {r["messages"][0]["content"] for r in recs}  # noqa: E731
+        assert not prompts(train) & prompts(test), name
+        assert all([m["role"] for m in r["messages"]] == ["user", "assistant"] for r in train + test)
+
+
+def test_tokenizer_has_llama_layout(tmp_path, monkeypatch):
+    import data
+    monkeypatch.chdir(tmp_path)
+    a = run.parse_args(ARGS)
+    run.train_tokenizer(run.write_data(a)[0], a.vocab_size)
+    tok = data.Tokenizer(run.TOKENIZER)
+    assert (tok.sp_model.unk_id(), tok.bos_id, tok.eos_id, tok.pad_id, tok.n_words) == (0, 1, 2, -1, 400)
+    for marker in run.CHAT_MARKERS:  # one token each, wherever they stand
+        assert len(tok.encode(f"x\n{marker}\ny", bos=False, eos=False)) == len(tok.encode("x\n\ny", bos=False, eos=False)) + 1
+    assert tok.sp_model.encode("\n", out_type=str)[-1] == "<0x0A>"  # byte piece, never merged
+    assert tok.decode(tok.encode("Q: ünïcode\n  two spaces", bos=True, eos=False)) == "Q: ünïcode\n  two spaces"
+    with open(os.path.join(run.DATA, "tasks", "add_train.jsonl")) as f:
+        ex = data.load_examples(f.name, "sft", tok, 128)  # the chat-prefix check of data.py passes
+    assert len(ex) == 32
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    with open(os.path.join(ROOT, "configs", "demo.toml")) as f:
+        head, *stages = f.read().split("[[stages]]")
+    cfg = root / "demo_2stages.toml"
+    cfg.write_text(head + "[[stages]]" + "[[stages]]".join(stages[:2]))
+    cmd = [sys.executable, os.path.join(ROOT, "demo", "run.py"), *ARGS, "--config", str(cfg)]
+    p = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    if p.returncode:
+        raise AssertionError(f"demo/run.py failed ({p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}")
+    return root, p.stdout
+
+
+def test_report_structure(demo):
+    root, out = demo
+    with open(root / "runs/demo/report.json") as f:
+        rep = json.load(f)
+    assert 0 <= rep["base_knowledge"] <= 100
+    for label in ("fft", "hft"):
+        r = rep[label]
+        for key in ("OP", "BWT", "knowledge", "matrix", "seconds", "optimizer_state_bytes"):
+            assert key in r, (label, key)
+        R = r["matrix"]
+        assert [len(row) for row in R] == [1, 2]
+        assert all(0 <= x <= 100 for row in R for x in row)
+        assert r["OP"] == pytest.approx(sum(R[-1]) / 2)
+        assert r["BWT"] == pytest.approx((R[1][0] - R[0][0]) / 2)
+        assert 0 <= r["knowledge"] <= 100 and r["seconds"] > 0
+    # HFT trains about half the layer tensors: less optimizer state than full fine-tuning.
+    assert 0 < rep["hft"]["optimizer_state_bytes"] < rep["fft"]["optimizer_state_bytes"]
+    md = (root / "runs/demo/report.md").read_text()
+    assert "| OP (mean of the last row) |" in md and "translate" in md and "reverse" in md
+    assert "OP (mean of the last row)" in out  # the comparison is printed
+
+
+def test_base_is_an_official_checkpoint_the_runs_start_from(demo):
+    root, _ = demo
+    d = root / "runs/demo"
+    for model_dir in ("init", "base/pretrain"):
+        for f in ("params.json", "consolidated.00.pth", "tokenizer.model"):
+            assert (d / model_dir / f).is_file(), (model_dir, f)
+    assert "== stage 0 'pretrain' (lm) from runs/demo/init" in (d / "logs/base.log").read_text()
+    for label in ("fft", "hft"):
+        log = (d / f"logs/{label}.log").read_text()
+        assert "== stage 0 'translate' (sft) from runs/demo/base/pretrain" in log
+        assert "== stage 1 'reverse' (sft) from runs/demo/" + label + "/translate" in log
+    # HFT's frozen half leaves the stage bitwise equal to the base it loaded; FFT trains everything.
+    base = torch.load(d / "base/pretrain/consolidated.00.pth", weights_only=True)
+    after = torch.load(d / "hft/translate/consolidated.00.pth", weights_only=True)
+    with open(d / "hft/translate/mask.json") as f:
+        trainable = set(json.load(f)["trainable"])
+    frozen = [k for k in base if k not in trainable and k in after]
+    assert frozen and all(torch.equal(base[k], after[k]) for k in frozen)
+    assert any(not torch.equal(base[k], after[k]) for k in trainable)
+    with open(d / "fft/translate/mask.json") as f:
+        assert set(json.load(f)["trainable"]) >= set(trainable)
+
+
+def test_second_run_reuses_the_cached_base(demo, monkeypatch):
+    root, _ = demo
+    monkeypatch.chdir(root)
+    monkeypatch.setattr(run, "torchrun", lambda *a, **k: pytest.fail("the cached base was rebuilt"))
+    a = run.parse_args(ARGS)
+    files = run.write_data(a)
+    assert run.build_base(a, files) == os.path.join(run.BASE, "pretrain")
+    key = run.base_key(a, files)
+    # A different world (seed) is a different key: it would be rebuilt.
+    b = run.parse_args(ARGS + ["--seed", "1"])
+    assert run.base_key(b, run.write_data(b)) != key
+    run.write_data(a)  # leave the module's files as they were
+
+
+def test_recipes_load_and_each_has_an_fft_twin():
+    import glob
+    import train
+    paths = sorted(glob.glob(os.path.join(ROOT, "configs", "*.toml")))
+    cfgs = {os.path.basename(p)[:-5]: train.load_config(p) for p in paths}  # unknown keys would raise
+    assert {"demo", "demo_base"} <= set(cfgs)
+    twins = [n for n in cfgs if n.endswith("_fft")]
+    assert {"tulu_sft_7b_fft", "tulu_sft_13b_fft", "tulu_dpo_7b_fft", "tulu_dpo_13b_fft", "trace_7b_fft",
+            "trace_13b_fft"} <= set(twins)
+    for fft_name in twins:
+        hft_cfg, fft_cfg = cfgs[fft_name[:-4]], cfgs[fft_name]
+        assert [s["hft"]["granularity"] for s in hft_cfg["stages"]] == ["category"] * len(hft_cfg["stages"])
+        assert [s["hft"]["granularity"] for s in fft_cfg["stages"]] == ["none"] * len(fft_cfg["stages"])
+        for a, b in zip(hft_cfg["stages"], fft_cfg["stages"]):  # same data, same optimisation
+            assert (a["name"], a["train"], a["eval"], a["train_cfg"]) == (b["name"], b["train"], b["eval"], b["train_cfg"])
+        assert hft_cfg["out_dir"] != fft_cfg["out_dir"]
+    trace = cfgs["trace_7b"]
+    assert [s["name"] for s in trace["stages"]] == ["C-STANCE", "FOMC", "MeetingBank", "Py150", "ScienceQA",
+                                                    "NumGLUE-cm", "NumGLUE-ds", "20Minuten"]
+    assert [s["train_cfg"]["epochs"] for s in trace["stages"]] == [5, 3, 7, 5, 3, 5, 5, 7]
+    assert {s["train_cfg"]["lr"] for s in trace["stages"]} == {1e-5}
+    sft, dpo = cfgs["tulu_sft_7b"]["stages"][0]["train_cfg"], cfgs["tulu_dpo_7b"]["stages"][0]["train_cfg"]
+    assert (sft["lr"], sft["epochs"], sft["schedule"], sft["warmup_ratio"], sft["weight_decay"], sft["batch_size"]) \
+        == (2e-5, 2, "linear", 0.03, 0.0, 128)
+    assert (dpo["lr"], dpo["epochs"], dpo["dpo_beta"], dpo["warmup_ratio"], dpo["batch_size"]) == (5e-7, 3, 0.1, 0.1, 32)
+    assert cfgs["tulu_dpo_7b"]["model"]["path"] == os.path.join(cfgs["tulu_sft_7b"]["out_dir"], "sft")
+    assert cfgs["tulu_dpo_7b_fft"]["model"]["path"] == os.path.join(cfgs["tulu_sft_7b_fft"]["out_dir"], "sft")

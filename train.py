@@ -723,6 +723,8 @@ def main(argv=None):
     else:
         code = 0
     if dist.is_initialized():
+        if code == 0:
+            dist.barrier()  # no rank tears gloo down while another still has work in flight
         dist.destroy_process_group()
     return code
 

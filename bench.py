@@ -761,4 +761,4 @@ def profile(runs, batches, tcfg, device, steps=3, rows=24) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    train.hard_exit(main())  # exit without interpreter finalization (gloo teardown abort)

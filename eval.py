@@ -696,8 +696,10 @@ def main(argv=None) -> int:
                                                ensure_ascii=False) + "\n")
     if dist.is_initialized():
         dist.barrier()
+        dist.destroy_process_group()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from train import hard_exit  # exit without interpreter finalization (gloo teardown abort)
+    hard_exit(main())

@@ -729,5 +729,14 @@ def main(argv=None):
     return code
 
 
+def hard_exit(code: int):
+    """Leave without interpreter finalization. gloo's worker threads may still hold work objects
+    (FSDP keeps some) whose destruction while Python tears down aborts the process ("terminate
+    called without an active exception", about one CPU run in twenty) after all work is done."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    hard_exit(main())

@@ -16,5 +16,9 @@ test: $(VENV_STAMP)
 demo: $(VENV_STAMP)
 	$(PY) demo/run.py
 
+# FFT against HFT (and HFT with frozen tensors replicated): step time, memory, bytes (README "Benchmark").
+bench: $(VENV_STAMP)
+	mkdir -p runs && $(PY) bench.py --modes fft,hft,hft-rep --out runs/bench.json
+
 clean:
 	rm -rf runs .pytest_cache

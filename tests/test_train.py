@@ -134,7 +134,6 @@ def test_two_stage_hft_freezes_exactly_the_mask(world, hft2):
         assert (hft2 / stage / "params.json").exists() and (hft2 / stage / "tokenizer.model").exists()
     summary = json.load(open(hft2 / "summary.json"))
     assert [s["name"] for s in summary["stages"]] == ["sft", "trace"]
-    # First stage starts at the base model, so its first loss is the base model's loss.
     assert all(s["optimizer_state_bytes"] > 0 for s in summary["stages"])
 
 

@@ -70,7 +70,7 @@ def parse_args(argv=None):
     ap.add_argument("--ratio", type=float, default=0.5, help="HFT ratio for the hft/layer/model modes")
     ap.add_argument("--steps", type=int, default=10, help="measured steps per mode")
     ap.add_argument("--warmup", type=int, default=2, help="unmeasured steps per mode first")
-    ap.add_argument("--precision", default=None, choices=("bf16", "fp32"), help="train.precision (bf16 on GPU only)")
+    ap.add_argument("--precision", default=None, choices=("bf16", "fp32"), help="train.precision (default: bf16 on GPU, fp32 on CPU)")
     ap.add_argument("--activation-checkpointing", action="store_true")
     ap.add_argument("--peak-tflops", type=float, default=989.0,
                     help="dense bf16 peak per GPU for MFU (H100/H200 SXM: 989)")
@@ -170,7 +170,7 @@ def run_step(run: dict, mbs: list, tcfg: dict, device, between=None) -> tuple[fl
     t0, c0 = time.perf_counter(), time.process_time()
     for g in opt.param_groups:
         g["lr"] = tcfg["lr"]
-    denom = train.all_sum(sum(data.count_targets(b["labels"]) for b in mbs), device)
+    denom = train.all_sum(sum(data.count_targets(b["labels"]) for b in mbs))
     train.train_step(model, run["trainable"], mbs, "lm", [None] * len(mbs), denom, tcfg, None, device)
     if between is not None:
         between(run)
@@ -552,7 +552,7 @@ def measure_run(run: dict, mem: dict, batches: list, args, margs, seq, batch, tc
     for name, p in run["model"].named_parameters():
         if isinstance(p, DTensor):
             gathered["blocks" if name.startswith("layers.") else "root"] += p.numel()
-    elt = 2 if tcfg["precision"] == "bf16" and device.type == "cuda" else 4
+    elt = train.compute_dtype(tcfg, device).itemsize
     cost = cost_model(margs, seq, batch, args.accum, world, tr, numel, gathered, elt, tcfg["activation_checkpointing"])
     n_tr, total = sum(numel[n] for n in tr), sum(numel.values())
     step_time = statistics.median(run["times"])
@@ -664,8 +664,7 @@ def main(argv=None):
 
     cal = None
     if not args.no_calibrate:
-        cal = calibrate(margs, seq, batch, torch.bfloat16 if tcfg["precision"] == "bf16" and device.type == "cuda"
-                        else torch.float32, device)
+        cal = calibrate(margs, seq, batch, train.compute_dtype(tcfg, device), device)
         for r in results.values():
             r["predicted_times_s"] = predict_seconds(r["cost_model"], cal, overlap=device.type == "cuda")
             r["predicted_step_time_s"] = r["predicted_times_s"]["total"]
@@ -698,7 +697,7 @@ def main(argv=None):
 
 
 def all_reduce_int(x, device) -> int:
-    return int(round(train.all_sum(x, device)))
+    return int(round(train.all_sum(x)))
 
 
 def jsonable(x):

@@ -12,15 +12,19 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import math
 import os
 import resource
 import shutil
 import signal
+import socket
 import sys
 import time
 import tomllib
+import uuid
+from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
@@ -48,7 +52,7 @@ DEFAULTS = {
     "train": {
         "lr": 2e-5, "min_lr_ratio": 0.0, "schedule": "linear", "warmup_ratio": 0.03,
         "weight_decay": 0.0, "betas": [0.9, 0.999], "batch_size": 128, "micro_batch_size": 1,
-        "epochs": 1, "max_steps": 0, "grad_clip": 1.0, "precision": "bf16",
+        "epochs": 1, "max_steps": 0, "grad_clip": 1.0, "device": "auto", "precision": "auto",
         "activation_checkpointing": False, "save_every": 0, "dpo_beta": 0.1,
         "export_format": "meta", "export_dtype": "fp32", "replicate": 1, "replicate_frozen": False,
     },
@@ -57,7 +61,8 @@ DEFAULTS = {
 }
 CHOICES = {
     "hft.granularity": ("category", "layer", "model", "parameter", "none"),
-    "train.schedule": ("linear", "cosine", "constant"), "train.precision": ("bf16", "fp32"),
+    "train.schedule": ("linear", "cosine", "constant"), "train.precision": ("auto", "bf16", "fp32"),
+    "train.device": ("auto", "cuda", "cpu"),
     "train.export_format": ("meta", "hf"), "train.export_dtype": ("fp32", "bf16"),
     "stages.kind": ("lm", "sft", "dpo"),
 }
@@ -168,6 +173,9 @@ def load_config(path: str, overrides: list[str] = ()) -> dict:
         for k, v in st.items():
             if k in STAGE_KEYS:
                 continue
+            if k == "device":
+                raise ConfigError(f"{path}: {where}.device: train.device applies to the whole run; "
+                                  "set it in [train]")
             if k in DEFAULTS["train"]:
                 s["train_cfg"][k] = _check_value(f"{where}.{k}", v, DEFAULTS["train"][k])
             elif k in DEFAULTS["hft"]:
@@ -196,20 +204,50 @@ def cfg_checks(s: dict, where: str):
 # ---------------------------------------------------------------------------------------------
 # Distributed setup and the sharded model.
 
-def setup_distributed():
-    """torchrun sets RANK/WORLD_SIZE; a plain `python train.py` runs as a world of one."""
+def resolve_device(name: str) -> torch.device:
+    """`[train] device`: "auto" is CUDA when this process sees a GPU, else the CPU. An explicit
+    "cuda" without one is an error: a 7B recipe must not quietly "run" on the CPU for days."""
+    if name == "cuda" and not torch.cuda.is_available():
+        why = ("CUDA_VISIBLE_DEVICES is empty" if os.environ.get("CUDA_VISIBLE_DEVICES") == ""
+               else f"torch {torch.__version__} sees no CUDA device (a CPU-only build, no GPU, or "
+               "a driver too old for this wheel)")
+        raise ConfigError(f"train.device = \"cuda\", but {why}; set train.device = \"cpu\" "
+                          "or \"auto\" to run on the CPU")
+    if name == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def setup_distributed(device_name: str = "auto") -> torch.device:
+    """torchrun sets RANK/WORLD_SIZE; a plain `python train.py` runs as a world of one. NCCL on
+    GPUs (bound to this rank's GPU), gloo on the CPU. Under NCCL a second, CPU (gloo) group
+    carries host-side numbers (token counts, the SIGTERM flag), so reading them never waits
+    for the GPU's queue."""
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(29400 + os.getpid() % 1000))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-        backend = "nccl"
-    else:
-        device, backend = torch.device("cpu"), "gloo"
+    device = resolve_device(device_name)
     if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=timedelta(minutes=30))
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+            dist.init_process_group("nccl", timeout=timedelta(minutes=30), device_id=device)
+        else:
+            dist.init_process_group("gloo", timeout=timedelta(minutes=30))
+    control_group()
     return device
+
+
+_CONTROL: dict = {}
+
+
+def control_group():
+    """The group for host-side numbers: the default group under gloo; under NCCL a gloo twin
+    of it, made once per process group (collectively: every rank calls this at the same point)."""
+    if dist.get_backend() in ("gloo", "fake"):  # fake: --plan's simulated process group
+        return None
+    if _CONTROL.get("world") is not dist.group.WORLD:
+        _CONTROL.update(world=dist.group.WORLD, group=dist.new_group(backend="gloo"))
+    return _CONTROL["group"]
 
 
 def log(*a):
@@ -218,13 +256,18 @@ def log(*a):
 
 
 def compute_dtype(tcfg: dict, device) -> torch.dtype:
-    return torch.bfloat16 if tcfg["precision"] == "bf16" and device.type == "cuda" else torch.float32
+    """`[train] precision`: "auto" is bf16 on a GPU and fp32 on the CPU; "bf16" is bf16 compute
+    (fp32 master weights, fp32 gradient reduction) on any device, the CPU included."""
+    p = tcfg["precision"]
+    return torch.bfloat16 if p == "bf16" or (p == "auto" and device.type == "cuda") else torch.float32
 
 
 def shard_model(model: Transformer, tcfg: dict, device) -> Transformer:
     """fully_shard each TransformerBlock, then the root (1-D mesh, or 2-D (replicate, shard) for
-    HSDP); bf16 compute with fp32 gradient reduction on GPU, fp32 on CPU. Call on a meta-device
-    model whose requires_grad already carries the HFT mask; materialise with `to_empty` after.
+    HSDP); compute in compute_dtype (bf16: fp32 master weights and fp32 gradient reduction).
+    Call on a meta-device model whose requires_grad already carries the HFT mask; materialise
+    with `to_empty` after. Forward inputs are not cast (cast_forward_inputs=False): the blocks'
+    inputs are already in the compute dtype, except the rotary table, which stays float32.
 
     `replicate_frozen`: frozen tensors stay out of FSDP, whole on every rank in the compute dtype,
     so they are never all-gathered (forward or backward) nor cast. It trades their memory on every
@@ -236,7 +279,8 @@ def shard_model(model: Transformer, tcfg: dict, device) -> Transformer:
     mesh = (init_device_mesh(device.type, (rep, world // rep), mesh_dim_names=("replicate", "shard"))
             if rep > 1 else init_device_mesh(device.type, (world,), mesh_dim_names=("shard",)))
     bf16 = compute_dtype(tcfg, device) == torch.bfloat16
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32,
+                              cast_forward_inputs=False)
     if tcfg["activation_checkpointing"]:
         for block in model.layers:
             _checkpoint_block(block)
@@ -309,9 +353,34 @@ def local_bytes(tensors) -> int:
     return n
 
 
-def all_sum(x: float, device) -> float:
-    t = torch.tensor([float(x)], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
+def reset_peak_memory(device):
+    """Start a new peak-memory window (per stage): CUDA's allocator statistics, or the kernel's
+    RSS high-water mark on the CPU (Linux >= 4.0; elsewhere the process's peak stays)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_memory(device) -> int:
+    """Bytes: the CUDA allocator's peak, or the process's RSS high-water mark on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    try:
+        with open("/proc/self/status") as f:
+            return int(next(ln for ln in f if ln.startswith("VmHWM:")).split()[1]) * 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def all_sum(x: float) -> float:
+    """Sum a host-side number over all ranks, over the CPU control group (no GPU sync)."""
+    t = torch.tensor([float(x)], dtype=torch.float64)
+    dist.all_reduce(t, group=control_group())
     return t.item()
 
 
@@ -404,52 +473,67 @@ def forward_loss(model, batch, kind, ref, beta, device):
         logits = model(batch["input_ids"].to(device))
         loss_sum, _ = data.token_loss_sum(logits, batch["labels"].to(device))
         return loss_sum, {}
-    ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]]).to(device)
-    labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]]).to(device)
-    logps = data.sequence_logps(model(ids), labels)
+    logps = pair_logps(model, batch, device)
     n = batch["chosen_input_ids"].shape[0]
     losses, m = data.dpo_loss(logps[:n], logps[n:], ref[:, 0].to(device), ref[:, 1].to(device), beta)
     return losses.sum(), {k: v.detach().sum() for k, v in m.items()}
 
 
+def pair_logps(model, batch, device) -> torch.Tensor:
+    """[2B] summed log-probs of chosen then rejected responses, in one forward."""
+    ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]]).to(device)
+    labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]]).to(device)
+    return data.sequence_logps(model(ids), labels)
+
+
 @torch.no_grad()
 def reference_logps(model, examples, tcfg, tok, device, desc) -> torch.Tensor:
     """DPO reference: log-probs of chosen and rejected under the model the stage starts from,
-    computed once (split across ranks, every rank doing the same number of forwards)."""
+    computed once (split across ranks, every rank doing the same number of forwards) and
+    gathered on the rank's device (NCCL gathers only device tensors). Returns [n, 2] on the CPU."""
     world, rank = dist.get_world_size(), dist.get_rank()
     mb = tcfg["micro_batch_size"]
     per_rank = math.ceil(len(examples) / world)
-    out = torch.zeros(per_rank, 2, dtype=torch.float32)
+    out = torch.zeros(per_rank, 2, dtype=torch.float32, device=device)
     mine = list(range(rank * per_rank, min(len(examples), (rank + 1) * per_rank)))
     model.eval()
     for j in tqdm(range(0, per_rank, mb), desc=desc, disable=rank != 0, leave=False):
         idx = [mine[k] if k < len(mine) else 0 for k in range(j, min(j + mb, per_rank))]
         b = data.collate([examples[i] for i in idx], pad_id=max(tok.pad_id, 0))
-        ids = torch.cat([b["chosen_input_ids"], b["rejected_input_ids"]]).to(device)
-        labels = torch.cat([b["chosen_labels"], b["rejected_labels"]]).to(device)
-        lp = data.sequence_logps(model(ids), labels).float().cpu()
+        lp = pair_logps(model, b, device).float()
         out[j:j + len(idx)] = torch.stack([lp[:len(idx)], lp[len(idx):]], dim=1)
     model.train()
-    gathered = [torch.zeros_like(out) for _ in range(world)]
-    dist.all_gather(gathered, out.to(device) if device.type == "cuda" else out)
-    return torch.cat([g.cpu() for g in gathered])[:len(examples)]
+    gathered = [torch.empty_like(out) for _ in range(world)]
+    dist.all_gather(gathered, out)
+    return torch.cat(gathered).cpu()[:len(examples)]
 
 
-def train_step(model, trainable, mbs, kind, ref_mbs, denom, t, element_mask, device):
+def train_step(model, trainable, mbs, kind, ref_mbs, denom, t, element_mask, device, stop=None):
     """Forward and backward over this rank's micro-batches, then clip. Returns the global loss,
-    the gradient norm over all trainable parameters (across shards), summed DPO metrics, and
-    this rank's token count. Frozen parameters have no .grad: backward skips their weight-gradient
-    matmuls, FSDP reduces no gradient for them, and clipping never sees them."""
+    the gradient norm over all trainable parameters (across shards) and the summed DPO metrics
+    as tensors on `device` (the caller reads them once per step). Frozen parameters have no
+    .grad: backward skips their weight-gradient matmuls, FSDP reduces no gradient for them, and
+    clipping never sees them.
+
+    Gradients are reduce-scattered after every micro-batch, so only sharded fp32 gradients
+    live between micro-batches (a no-sync accumulation would keep every trainable tensor's
+    unsharded fp32 gradient on every rank); under HSDP only the cross-replica all-reduce waits
+    for the last micro-batch. `stop()` is asked before each micro-batch (all ranks agree on its
+    answer); when it says yes the partial gradients are dropped and None is returned, with the
+    parameters as the previous step left them."""
     loss_acc = torch.zeros((), device=device)
-    extra, ntok = {}, 0
+    extra = {}
     for j, (b, ref_b) in enumerate(zip(mbs, ref_mbs)):
-        model.set_requires_gradient_sync(j == len(mbs) - 1)  # one reduce-scatter per step
+        if stop is not None and stop():
+            model.zero_grad(set_to_none=True)
+            return None
+        if t["replicate"] > 1:
+            model.set_requires_all_reduce(j == len(mbs) - 1)
         loss_sum, m = forward_loss(model, b, kind, ref_b, t["dpo_beta"], device)
         (loss_sum / max(denom, 1)).backward()
         loss_acc += loss_sum.detach()
         for k, v in m.items():
             extra[k] = extra.get(k, 0.0) + v
-        ntok += sum(v.numel() for k, v in b.items() if k.endswith("input_ids"))
     if element_mask is not None:
         element_mask.mask_grads()
     clip = t["grad_clip"] if t["grad_clip"] > 0 else float("inf")
@@ -457,140 +541,218 @@ def train_step(model, trainable, mbs, kind, ref_mbs, denom, t, element_mask, dev
     gn = gn.full_tensor() if isinstance(gn, DTensor) else gn
     red = torch.stack([loss_acc.float(), *(torch.as_tensor(v, device=device).float() for v in extra.values())])
     dist.all_reduce(red)
-    vals = red.tolist()
-    return vals[0] / max(denom, 1), gn.item(), dict(zip(extra, vals[1:])), ntok
+    return red[0] / max(denom, 1), gn, dict(zip(extra, red[1:] / t["batch_size"]))
+
+
+def real_tokens(batch_examples) -> int:
+    """Tokens of these examples without padding (both sides of a preference pair)."""
+    n = 0
+    for ex in batch_examples:
+        for seq in ((ex["chosen"], ex["rejected"]) if "chosen" in ex else (ex,)):
+            n += len(seq["input_ids"])
+    return n
+
+
+@dataclass
+class StageRun:
+    """One stage, ready to train: what prepare_stage builds and the step loop uses."""
+    name: str
+    kind: str
+    idx: int
+    t: dict  # the stage's [train] settings
+    dir: str
+    examples: list
+    sampler: data.StepSampler
+    total: int  # optimizer steps
+    start: int  # the step a resumed stage continues from
+    mask: dict
+    model: Transformer
+    reader: CheckpointReader
+    opt: torch.optim.Optimizer
+    trainable: list
+    element_mask: hft.ElementMask | None
+    ref: torch.Tensor | None  # DPO reference log-probs [n, 2]
 
 
 def run_stage(cfg, idx, stage, init_path, tok, device) -> dict:
+    """Prepare, train and export one stage. Returns {"model", "stats"}."""
+    t0 = time.time()
+    reset_peak_memory(device)
+    run = prepare_stage(cfg, idx, stage, init_path, tok, device)
+    tokens, train_time = train_loop(run, tok, device)
+    opt_bytes = all_sum(local_bytes(v for s in run.opt.state.values() for v in s.values()))
+    peak = all_sum(peak_memory(device)) / dist.get_world_size()
+    export(run.model, run.reader, os.path.join(cfg["out_dir"], f".{run.name}.export"),
+           run.t["export_format"], run.t["export_dtype"], cfg["model"]["tokenizer"])
+    return {"model": run.model, "stats": {
+        "name": run.name, "kind": run.kind, "steps": run.total, "resumed_from_step": run.start,
+        "wall_time_s": time.time() - t0, "train_time_s": train_time,
+        "tokens_per_s": tokens / train_time if train_time else 0.0,
+        "peak_memory_bytes": int(peak), "compute_dtype": str(compute_dtype(run.t, device))[6:],
+        "trainable_params": run.mask["summary"]["total"]["trainable"],
+        "optimizer_state_bytes": int(opt_bytes)}}
+
+
+def prepare_stage(cfg, idx, stage, init_path, tok, device) -> StageRun:
+    """Data, mask (new or resumed), model, optimizer, DPO reference and resume point."""
     name, kind, t, h = stage["name"], stage["kind"], stage["train_cfg"], stage["hft"]
     stage_dir = os.path.join(cfg["out_dir"], name)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    seed = cfg["seed"]
-    t0 = time.time()
-
+    rank, world, seed = dist.get_rank(), dist.get_world_size(), cfg["seed"]
     # All of the stage's data is read and validated before anything is built or written.
     examples = data.load_examples(stage["train"], kind, tok, cfg["model"]["max_seq_len"],
                                   log=log if rank == 0 else (lambda *a, **k: None))
     sampler = data.StepSampler(len(examples), t["batch_size"], t["micro_batch_size"], world, rank,
                                seed, idx, t["epochs"])
     total = sampler.total_steps if not t["max_steps"] else min(t["max_steps"], sampler.total_steps)
-
-    # The mask: a resumed stage reads the one it saved, never a new draw.
-    mask_path = os.path.join(stage_dir, "mask.json")
-    if os.path.exists(mask_path):
-        mask = hft.load_mask(mask_path)
-    else:
-        with torch.device("meta"):
-            shape_model = Transformer(CheckpointReader(init_path, cfg["model"]["max_seq_len"]).args)
-        mask = hft.make_mask(shape_model, h["granularity"], h["ratio"], seed, idx, h["train_embeddings"])
+    mask = stage_mask(cfg, idx, stage, init_path)
     model, reader = build_model(init_path, t, set(mask["trainable"]), device, cfg["model"]["max_seq_len"])
     if rank == 0:
-        os.makedirs(stage_dir, exist_ok=True)
-        if not os.path.exists(mask_path):
-            hft.save_mask(mask_path, mask)
-        log(f"\n== stage {idx} '{name}' ({kind}) from {init_path}: {len(examples)} examples, {total} steps\n"
+        log(f"\n== stage {idx} '{name}' ({kind}) from {init_path}: {len(examples)} examples, "
+            f"{total} steps, compute {str(compute_dtype(t, device))[6:]}\n"
             + hft.format_summary(mask["summary"]))
     element_mask = (hft.ElementMask(model, h["ratio"], seed, idx)
                     if h["granularity"] == "parameter" else None)
-    groups = hft.param_groups(model, t["weight_decay"], element_mask)
-    opt = torch.optim.AdamW(groups, lr=t["lr"], betas=tuple(t["betas"]), foreach=True)
+    opt = torch.optim.AdamW(hft.param_groups(model, t["weight_decay"], element_mask), lr=t["lr"],
+                            betas=tuple(t["betas"]), foreach=True)
     trainable = [p for p in model.parameters() if p.requires_grad]
-
-    # DPO reference log-probs: once per stage, saved beside the checkpoints, reused on resume.
-    ref = None
-    if kind == "dpo":
-        ref_path = os.path.join(stage_dir, "ref_logps.pt")
-        if os.path.exists(ref_path):
-            ref = torch.load(ref_path, weights_only=True)
-        else:
-            ref = reference_logps(model, examples, t, tok, device, f"{name}: reference log-probs")
-            if rank == 0:
-                torch.save(ref, ref_path + ".tmp")
-                os.replace(ref_path + ".tmp", ref_path)
-        dist.barrier()
-
+    ref = dpo_reference(model, examples, t, tok, device, stage_dir, name) if kind == "dpo" else None
     torch.manual_seed(seed + 1000 * idx + rank)  # restored below when resuming
     start = 0
     ckpts = checkpoint_dirs(stage_dir)
     if ckpts:
         start = load_training_checkpoint(ckpts[-1], model, opt, device)
         log(f"resuming stage '{name}' from {ckpts[-1]} (step {start}/{total})")
+    if rank == 0:
+        trim_metrics(os.path.join(stage_dir, "metrics.jsonl"), start)
+    return StageRun(name, kind, idx, t, stage_dir, examples, sampler, total, start, mask, model,
+                    reader, opt, trainable, element_mask, ref)
 
-    metrics_path = os.path.join(stage_dir, "metrics.jsonl")
-    if rank == 0:  # drop lines of steps after the checkpoint we resumed from
-        kept = []
-        if os.path.exists(metrics_path):
-            with open(metrics_path) as f:
-                kept = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= start]
-        with open(metrics_path + ".tmp", "w") as f:
-            f.writelines(kept)
-        os.replace(metrics_path + ".tmp", metrics_path)
-    mfile = open(metrics_path, "a") if rank == 0 else None
 
+def stage_mask(cfg, idx, stage, init_path) -> dict:
+    """The stage's HFT mask: the one it saved if it is resuming, never a new draw; else a new
+    draw from (seed, stage index), written to <stage>/mask.json before any training."""
+    path = os.path.join(cfg["out_dir"], stage["name"], "mask.json")
+    if os.path.exists(path):
+        return hft.load_mask(path)
+    h = stage["hft"]
+    with torch.device("meta"):
+        shapes = Transformer(CheckpointReader(init_path, cfg["model"]["max_seq_len"]).args)
+    mask = hft.make_mask(shapes, h["granularity"], h["ratio"], cfg["seed"], idx, h["train_embeddings"])
+    if dist.get_rank() == 0:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        hft.save_mask(path, mask)
+    return mask
+
+
+def dpo_reference(model, examples, t, tok, device, stage_dir, name) -> torch.Tensor:
+    """DPO reference log-probs: once per stage, saved beside the checkpoints, reused on resume."""
+    path = os.path.join(stage_dir, "ref_logps.pt")
+    if os.path.exists(path):
+        return torch.load(path, weights_only=True)
+    ref = reference_logps(model, examples, t, tok, device, f"{name}: reference log-probs")
+    if dist.get_rank() == 0:
+        torch.save(ref, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    dist.barrier()
+    return ref
+
+
+def trim_metrics(path: str, start: int):
+    """Drop the lines of steps after the checkpoint a resumed stage continues from."""
+    kept = []
+    if os.path.exists(path):
+        with open(path) as f:
+            kept = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= start]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+
+
+def train_loop(run: StageRun, tok, device) -> tuple[float, float]:
+    """Steps run.start .. run.total, with metrics, checkpoints and SIGTERM. Returns (tokens
+    trained on, excluding padding; seconds spent in steps)."""
     pad_id = max(tok.pad_id, 0)
-    tokens_seen, train_time = 0, 0.0
-    bar = tqdm(total=total, initial=start, desc=name, disable=rank != 0, dynamic_ncols=True)
+    stop = lambda: all_sum(_SIGTERM["hit"]) > 0  # noqa: E731  agreed by every rank
+    tokens, train_time = 0.0, 0.0
+    mfile = open(os.path.join(run.dir, "metrics.jsonl"), "a") if dist.get_rank() == 0 else None
+    bar = tqdm(total=run.total, initial=run.start, desc=run.name, disable=dist.get_rank() != 0,
+               dynamic_ncols=True)
     prev = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        for step in range(start, total):
-            ts = time.time()
-            lr = lr_at(step, total, t)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            mb_idx = sampler.micro_batches(step)
-            mbs = [data.collate([examples[i] for i in m], pad_id=pad_id) for m in mb_idx]
-            ref_mbs = [ref[m] for m in mb_idx] if kind == "dpo" else [None] * len(mbs)
-            if kind == "dpo":
-                denom = t["batch_size"]  # pairs in the global batch
-            else:
-                denom = all_sum(sum(data.count_targets(b["labels"]) for b in mbs), device)
-            loss, gn, extra, ntok = train_step(model, trainable, mbs, kind, ref_mbs, denom, t, element_mask, device)
-            if not (math.isfinite(loss) and math.isfinite(gn)):
-                raise FloatingPointError(f"stage '{name}' step {step + 1}: non-finite "
-                                         f"{'loss' if not math.isfinite(loss) else 'gradient norm'} "
-                                         f"(loss {loss}, grad_norm {gn}); nothing exported from this state")
-            if element_mask is not None:
-                element_mask.apply_weight_decay(lr, t["weight_decay"])
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            dt = time.time() - ts
-            train_time += dt
-            gtok = all_sum(ntok, device)
-            tokens_seen += gtok
-            rec = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": gn, "tokens_per_s": gtok / dt}
-            rec.update({k: v / t["batch_size"] for k, v in extra.items()})
+        for step in range(run.start, run.total):
+            out = one_step(run, step, pad_id, stop, device)
+            if out is None:  # SIGTERM between micro-batches: this step is dropped, not saved
+                preempt(run, step, device)
+            rec, gtok, dt = out
+            tokens, train_time = tokens + gtok, train_time + dt
             if mfile:
                 mfile.write(json.dumps(rec) + "\n")
                 mfile.flush()
-            if os.environ.get("HFT_FAULT_AT") == f"{name}:{step + 1}" and rank == 0:
-                os.kill(os.getpid(), signal.SIGKILL)  # fault injection for the resume tests
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{gtok / dt:.0f}")
+            fault_injection(run.name, step + 1)
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{gtok / dt:.0f}")
             bar.update(1)
-            done = step + 1 == total
-            stop = all_sum(1.0 if _SIGTERM["hit"] else 0.0, device) > 0
-            if done or stop or (t["save_every"] and (step + 1) % t["save_every"] == 0):
-                save_training_checkpoint(stage_dir, step + 1, model, opt, device)
-            if stop and not done:
-                raise Preempted(f"SIGTERM: saved a checkpoint of stage '{name}' at step {step + 1}; "
-                                "run the same command again to continue")
+            done, stopping = step + 1 == run.total, stop()
+            if done or stopping or (run.t["save_every"] and (step + 1) % run.t["save_every"] == 0):
+                save_training_checkpoint(run.dir, step + 1, run.model, run.opt, device)
+            if stopping and not done:
+                preempt(run, step + 1, device)
     finally:
         signal.signal(signal.SIGTERM, prev)
         bar.close()
         if mfile:
             mfile.close()
+    return tokens, train_time
 
-    opt_bytes = all_sum(local_bytes(v for s in opt.state.values() for v in s.values()), device)
-    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    export(model, reader, os.path.join(cfg["out_dir"], f".{name}.export"),
-           t["export_format"], t["export_dtype"], cfg["model"]["tokenizer"])
-    return {"model": model, "stats": {
-        "name": name, "kind": kind, "steps": total, "resumed_from_step": start,
-        "wall_time_s": time.time() - t0, "train_time_s": train_time,
-        "tokens_per_s": tokens_seen / train_time if train_time else 0.0,
-        "peak_memory_bytes": int(all_sum(peak, device) / world),
-        "trainable_params": mask["summary"]["total"]["trainable"],
-        "optimizer_state_bytes": int(opt_bytes)}}
+
+def one_step(run: StageRun, step: int, pad_id: int, stop, device):
+    """One optimizer step. Returns (metrics record, global tokens without padding, seconds), or
+    None when `stop()` interrupted it between micro-batches."""
+    ts = time.time()
+    t = run.t
+    lr = lr_at(step, run.total, t)
+    for g in run.opt.param_groups:
+        g["lr"] = lr
+    mb_idx = run.sampler.micro_batches(step)
+    batches = [[run.examples[i] for i in m] for m in mb_idx]
+    mbs = [data.collate(b, pad_id=pad_id) for b in batches]
+    if run.kind == "dpo":
+        ref_mbs, denom = [run.ref[m] for m in mb_idx], t["batch_size"]  # pairs in the global batch
+    else:
+        ref_mbs = [None] * len(mbs)
+        denom = all_sum(sum(data.count_targets(b["labels"]) for b in mbs))
+    out = train_step(run.model, run.trainable, mbs, run.kind, ref_mbs, denom, t, run.element_mask,
+                     device, stop=stop)
+    if out is None:
+        return None
+    loss, gn, extra = out[0].item(), out[1].item(), {k: v.item() for k, v in out[2].items()}
+    if not (math.isfinite(loss) and math.isfinite(gn)):
+        raise FloatingPointError(f"stage '{run.name}' step {step + 1}: non-finite "
+                                 f"{'loss' if not math.isfinite(loss) else 'gradient norm'} "
+                                 f"(loss {loss}, grad_norm {gn}); nothing exported from this state")
+    if run.element_mask is not None:
+        run.element_mask.apply_weight_decay(lr, t["weight_decay"])
+    run.opt.step()
+    run.opt.zero_grad(set_to_none=True)
+    dt = time.time() - ts
+    gtok = all_sum(sum(real_tokens(b) for b in batches))
+    return {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": gn, "tokens_per_s": gtok / dt,
+            **extra}, gtok, dt
+
+
+def preempt(run: StageRun, step: int, device):
+    """Save the state after `step` completed steps (unless that checkpoint exists) and stop."""
+    ckpts = checkpoint_dirs(run.dir)
+    if step > 0 and not (ckpts and ckpts[-1].endswith(f"step-{step:08d}")):
+        save_training_checkpoint(run.dir, step, run.model, run.opt, device)
+    raise Preempted(f"SIGTERM: saved a checkpoint of stage '{run.name}' at step {step}; "
+                    "run the same command again to continue" if step else
+                    f"SIGTERM before the first step of stage '{run.name}' finished; nothing to save")
+
+
+def fault_injection(name: str, step: int):
+    """Test hook: HFT_FAULT_AT=<stage>:<step> makes rank 0 SIGKILL itself after that step."""
+    if os.environ.get("HFT_FAULT_AT") == f"{name}:{step}" and dist.get_rank() == 0:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def finish_stage(cfg, stage, stats, eval_result):
@@ -624,9 +786,12 @@ def evaluate_all(cfg, model, tok, files) -> dict:
 
 
 def run(cfg: dict):
-    device = setup_distributed()
+    device = setup_distributed(cfg["train"]["device"])
     rank = dist.get_rank()
     out = cfg["out_dir"]
+    log(f"hft: world size {dist.get_world_size()}, backend {dist.get_backend()}, device "
+        f"{describe(device)}, compute {str(compute_dtype(cfg['stages'][0]['train_cfg'], device))[6:]} "
+        f"(train.precision = {cfg['stages'][0]['train_cfg']['precision']}), out_dir {out}")
     for s in cfg["stages"]:  # fail before any compute when a file is missing
         for f in [s["train"]] + [e if isinstance(e, str) else e.get("path", "") for e in s["eval"]]:
             if not os.path.isfile(f):
@@ -637,6 +802,7 @@ def run(cfg: dict):
     tok = data.Tokenizer(cfg["model"]["tokenizer"])
     if rank == 0:
         os.makedirs(out, exist_ok=True)
+    check_shared_dir(out)
     torch.manual_seed(cfg["seed"])
     has_evals = bool(cfg["eval"]["probes"]) or any(s["eval"] for s in cfg["stages"])
 
@@ -667,6 +833,7 @@ def run(cfg: dict):
             base = {"evals": evaluate_all(cfg, model, tok, files),
                     "probes": evaluate_all(cfg, model, tok, cfg["eval"]["probes"])}
             del model
+            release_memory(device)
             if rank == 0:
                 write_json(base_path, base)
         res = run_stage(cfg, idx, stage, init_path, tok, device)
@@ -678,6 +845,7 @@ def run(cfg: dict):
                   "probes": evaluate_all(cfg, res["model"], tok, cfg["eval"]["probes"])}
             stage_evals.append(ev)
         del res["model"]
+        release_memory(device)  # the next stage's model must not share the GPU with this one
         finish_stage(cfg, stage, res["stats"], ev)
         all_stats.append(res["stats"])
         init_path = stage_dir
@@ -691,6 +859,47 @@ def run(cfg: dict):
         print_summary(all_stats)
     dist.barrier()
     return report
+
+
+def describe(device) -> str:
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def release_memory(device):
+    """Free a model the caller has just dropped: FSDP2 modules sit in reference cycles (hooks,
+    states), which only the cycle collector frees; then give cached GPU blocks back."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def check_shared_dir(path: str):
+    """Every rank must see out_dir: checkpoints, exports and each stage's input (the previous
+    stage's export) live there, so on several nodes it must be a filesystem all of them mount.
+    Rank 0 writes a token there; a rank that cannot read it back stops the run at once."""
+    token = [uuid.uuid4().hex if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(token, src=0)
+    probe = os.path.join(path, f".shared-check-{token[0]}")
+    if dist.get_rank() == 0:
+        write_json(probe, token[0])
+    dist.barrier()
+    try:
+        with open(probe) as f:
+            seen = json.load(f) == token[0]
+    except OSError:
+        seen = False
+    views = [None] * dist.get_world_size()
+    dist.all_gather_object(views, (seen, socket.gethostname()))
+    dist.barrier()
+    if dist.get_rank() == 0:
+        os.remove(probe)
+    blind = [f"rank {r} on {host}" for r, (ok, host) in enumerate(views) if not ok]
+    if blind:
+        raise ConfigError(f"out_dir {path} is not visible from {', '.join(blind)}: on several nodes "
+                          "out_dir must be on a filesystem every node mounts (checkpoints, exports and "
+                          "each stage's input are read from it)")
 
 
 def print_summary(stats):

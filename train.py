@@ -503,9 +503,15 @@ def reference_logps(model, examples, tcfg, tok, device, desc) -> torch.Tensor:
         lp = pair_logps(model, b, device).float()
         out[j:j + len(idx)] = torch.stack([lp[:len(idx)], lp[len(idx):]], dim=1)
     model.train()
-    gathered = [torch.empty_like(out) for _ in range(world)]
-    dist.all_gather(gathered, out)
-    return torch.cat(gathered).cpu()[:len(examples)]
+    return gather_rows(out).cpu()[:len(examples)]
+
+
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's x, concatenated in rank order; the buffers live where x does (NCCL gathers
+    only into tensors on the rank's GPU)."""
+    gathered = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, x)
+    return torch.cat(gathered)
 
 
 def train_step(model, trainable, mbs, kind, ref_mbs, denom, t, element_mask, device, stop=None):

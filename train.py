@@ -16,6 +16,7 @@ import gc
 import json
 import math
 import os
+import re
 import resource
 import shutil
 import signal
@@ -67,6 +68,7 @@ CHOICES = {
     "stages.kind": ("lm", "sft", "dpo"),
 }
 STAGE_KEYS = {"name", "kind", "train", "eval"}
+STAGE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")  # a directory name in out_dir
 
 
 class ConfigError(ValueError):
@@ -165,8 +167,10 @@ def load_config(path: str, overrides: list[str] = ()) -> dict:
                 raise ConfigError(f"{path}: {where} is missing '{k}'")
         s = {"name": st["name"], "kind": _check_value("stages.kind", st["kind"], ""), "train": st["train"],
              "eval": st.get("eval", []), "hft": dict(cfg["hft"]), "train_cfg": dict(cfg["train"])}
-        if not isinstance(s["name"], str) or not s["name"] or "/" in s["name"] or s["name"] in names:
-            raise ConfigError(f"{path}: {where}.name must be a unique non-empty name without '/', got {s['name']!r}")
+        if not isinstance(s["name"], str) or not STAGE_NAME.fullmatch(s["name"]) or s["name"] in names:
+            raise ConfigError(f"{path}: {where}.name must be a unique plain name (letters, digits, "
+                              f"'_', '-', '.', not starting with '.' or '-'; it names a directory "
+                              f"in out_dir), got {s['name']!r}")
         names.add(s["name"])
         if isinstance(s["eval"], str):
             s["eval"] = [s["eval"]]
@@ -185,20 +189,50 @@ def load_config(path: str, overrides: list[str] = ()) -> dict:
         cfg_checks(s, f"{path}: {where}")
         stages[i] = s
     cfg["stages"] = stages
+    check_together(cfg, path)
     return cfg
 
 
 def cfg_checks(s: dict, where: str):
+    """One stage's settings, each on its own and those that only make sense together."""
     t = s["train_cfg"]
     for key in ("batch_size", "micro_batch_size", "epochs", "replicate"):
         if t[key] < 1:
             raise ConfigError(f"{where}: train.{key} must be >= 1, got {t[key]}")
+    for key in ("max_steps", "save_every", "grad_clip", "weight_decay"):
+        if t[key] < 0:
+            raise ConfigError(f"{where}: train.{key} must be >= 0, got {t[key]}")
     if not 0 < t["lr"] or not 0 <= t["warmup_ratio"] <= 1 or not 0 <= t["min_lr_ratio"] <= 1:
         raise ConfigError(f"{where}: need train.lr > 0 and train.warmup_ratio, train.min_lr_ratio in [0, 1]")
-    if len(t["betas"]) != 2:
-        raise ConfigError(f"{where}: train.betas must be two numbers, got {t['betas']}")
+    if len(t["betas"]) != 2 or not all(0 <= b < 1 for b in t["betas"]):
+        raise ConfigError(f"{where}: train.betas must be two numbers in [0, 1), got {t['betas']}")
+    if t["batch_size"] % t["micro_batch_size"]:
+        raise ConfigError(f"{where}: train.batch_size = {t['batch_size']} is not a multiple of "
+                          f"train.micro_batch_size = {t['micro_batch_size']}")
+    if s["kind"] == "dpo" and t["dpo_beta"] <= 0:
+        raise ConfigError(f"{where}: train.dpo_beta must be > 0 for a dpo stage, got {t['dpo_beta']}")
     if not 0 < s["hft"]["ratio"] <= 1:
         raise ConfigError(f"{where}: hft.ratio must be in (0, 1], got {s['hft']['ratio']}")
+
+
+def check_together(cfg: dict, path: str):
+    """Settings of different sections that only make sense together, checked before any compute."""
+    L, e = cfg["model"]["max_seq_len"], cfg["eval"]
+    if L < 2:
+        raise ConfigError(f"{path}: model.max_seq_len must be >= 2, got {L}")
+    if e["batch_size"] < 1 or e["max_new_tokens"] < 1:
+        raise ConfigError(f"{path}: eval.batch_size and eval.max_new_tokens must be >= 1, got "
+                          f"{e['batch_size']} and {e['max_new_tokens']}")
+    if L - e["max_new_tokens"] < 2:
+        raise ConfigError(f"{path}: eval.max_new_tokens = {e['max_new_tokens']} leaves "
+                          f"{L - e['max_new_tokens']} of model.max_seq_len = {L} positions for the "
+                          f"prompt (generation needs at least 2: bos and one token)")
+    for i, st in enumerate(cfg["stages"]):
+        for item in st["eval"]:
+            if not (isinstance(item, str) or isinstance(item, dict) and isinstance(item.get("path"), str)
+                    and set(item) <= {"path", "metric"}):
+                raise ConfigError(f"{path}: stages[{i}].eval: each entry is a file path or "
+                                  f"{{path = ..., metric = ...}}, got {item!r}")
 
 
 # ---------------------------------------------------------------------------------------------

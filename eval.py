@@ -17,6 +17,7 @@ forward all-gathers parameters across ranks) never deadlocks on a rank that ran 
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import math
 import os
@@ -108,6 +109,105 @@ def edit_similarity(pred: str, ref) -> float:
     return best
 
 
+# TRACE's own scoring (BeyonderXX/TRACE, evaluations/eval_<task>.py over metrics.py, with the
+# packages its requirements pin: rouge==1.0.1, fuzzywuzzy without python-Levenshtein). Its
+# scripts skip an empty prediction or answer but still divide by the number of examples, so an
+# empty one scores 0 and counts in the mean; where its script would raise instead (an empty
+# ScienceQA prediction, a MeetingBank text of only dots), these score 0 too.
+
+
+def trace_accuracy(pred: str, ref) -> float:
+    """TRACE's `caculate_accuracy` (C-STANCE, FOMC, NumGLUE-cm/ds): `prediction == answer`, no
+    whitespace stripped, so "A\n" is wrong for "A"; empty scores 0. Best over references."""
+    return float(pred != "" and any(pred == r for r in _as_list(ref)))
+
+
+def trace_scienceqa(pred: str, ref) -> float:
+    """TRACE's eval_ScienceQA: accuracy of the first character only, the answer letter of
+    "B\nBecause ..."; an empty prediction scores 0 (TRACE's `datium[0]` would raise)."""
+    return float(pred != "" and any(pred[0] == r[:1] for r in _as_list(ref)))
+
+
+_PY150_LITERAL = re.compile(r"<(STR|NUM|CHAR)_LIT:(.*?)>", re.S)
+
+
+def _py150_postprocess(code: str) -> str:
+    """eval_Py150.postprocess, step for step (the order matters when a literal's own text
+    looks like a placeholder): bare placeholders first, then each <KIND_LIT:text> -> text."""
+    code = code.replace("<NUM_LIT>", "0").replace("<STR_LIT>", "").replace("<CHAR_LIT>", "")
+    for kind, text in _PY150_LITERAL.findall(code):
+        code = code.replace(f"<{kind}_LIT:{text}>", text)
+    return code
+
+
+def trace_edit_similarity(pred: str, ref) -> float:
+    """TRACE's Py150 score / 100: literals replaced in prediction and answer alike, then
+    fuzzywuzzy's fuzz.ratio(prediction, answer). Without python-Levenshtein that is difflib's
+    SequenceMatcher(None, pred, ref).ratio() (autojunk and its asymmetry included) x 100,
+    rounded to an int by Python's round (half to even); 100 for equal strings, 0 when either is
+    empty after the replacement. Best over references."""
+    p = _py150_postprocess(pred)
+    best = 0
+    for r in map(_py150_postprocess, _as_list(ref)):
+        if p and r:
+            best = max(best, 100 if p == r else round(100 * difflib.SequenceMatcher(None, p, r).ratio()))
+    return best / 100
+
+
+def _rouge_sentences(text: str) -> list[str]:
+    # rouge 1.0.1: split on ".", drop empty pieces, squeeze whitespace (a blank piece stays "").
+    return [" ".join(s.split()) for s in text.split(".") if s]
+
+
+def _recon_lcs_words(x: list[str], y: list[str]) -> set[str]:
+    """The words of the one LCS of x and y that rouge 1.0.1's `_recon_lcs` backtracks to: on a
+    match go diagonally, else up when the cell above is strictly larger, else left. Which LCS
+    it finds matters: ROUGE-L counts the distinct words of the union of these."""
+    table = [[0] * (len(y) + 1)]
+    for a in x:
+        prev, row = table[-1], [0]
+        for j, b in enumerate(y):
+            row.append(prev[j] + 1 if a == b else max(prev[j + 1], row[j]))
+        table.append(row)
+    words, i, j = set(), len(x), len(y)
+    while i and j:
+        if x[i - 1] == y[j - 1]:
+            words.add(x[i - 1])
+            i, j = i - 1, j - 1
+        elif table[i - 1][j] > table[i][j - 1]:
+            i -= 1
+        else:
+            j -= 1
+    return words
+
+
+def _rouge_pkg_l(pred: str, ref: str) -> float:
+    """rouge 1.0.1's `Rouge(metrics=["rouge-l"]).get_scores(ref, pred)["rouge-l"]["f"]`, the
+    arguments in TRACE's order (its `score_rouge(target, prediction)` passes the answer as the
+    hypothesis). Summary-level ROUGE-L over sentences split on ".", tokens split on spaces, case
+    kept: the union of per-sentence-pair LCS words, counted as distinct words, as are both
+    lengths (the package's `exclusive=True` sets)."""
+    if pred == "" or ref == "":
+        return 0.0
+    hyp, refs = _rouge_sentences(ref), _rouge_sentences(pred)
+    if not hyp or not refs:  # only dots: the package raises "Collections must contain ..."
+        return 0.0
+    m = len({w for s in refs for w in s.split(" ")})
+    n = len({w for s in hyp for w in s.split(" ")})
+    union = set()
+    for r in refs:
+        for h in hyp:
+            union |= _recon_lcs_words(r.split(" "), h.split(" "))
+    r_lcs, p_lcs = len(union) / m, len(union) / n
+    return 2.0 * ((p_lcs * r_lcs) / (p_lcs + r_lcs + 1e-8))
+
+
+def trace_rouge_l(pred: str, ref) -> float:
+    """TRACE's MeetingBank score: the `rouge` package's ROUGE-L F (see `_rouge_pkg_l`); empty
+    scores 0. Best over references."""
+    return max((_rouge_pkg_l(pred, r) for r in _as_list(ref)), default=0.0)
+
+
 def _tokenize_13a(line: str) -> str:
     """sacrebleu's 13a tokenizer (mteval-v13a), which HF evaluate's SARI applies before splitting."""
     line = line.replace("<skipped>", "").replace("-\n", "").replace("\n", " ")
@@ -187,14 +287,21 @@ GEN_METRICS = {
     "rouge_l": lambda ex, pred: rouge_l(pred, ex["reference"]),
     "edit_sim": lambda ex, pred: edit_similarity(pred, ex["reference"]),
     "sari": lambda ex, pred: sari(ex["prompt"], pred, ex["reference"]),
+    "trace_accuracy": lambda ex, pred: trace_accuracy(pred, ex["reference"]),
+    "trace_scienceqa": lambda ex, pred: trace_scienceqa(pred, ex["reference"]),
+    "trace_rouge_l": lambda ex, pred: trace_rouge_l(pred, ex["reference"]),
+    "trace_edit_sim": lambda ex, pred: trace_edit_similarity(pred, ex["reference"]),
 }
 METRICS = (*GEN_METRICS, "mc", "ppl")
 
-# TRACE's eight tasks and the metric its paper reports for each, keyed by the task name with
-# anything but letters and digits dropped (files live in C-STANCE/test.json, NumGLUE-cm/...).
-TRACE_METRICS = {"cstance": "accuracy", "fomc": "accuracy", "meetingbank": "rouge_l",
-                 "py150": "edit_sim", "scienceqa": "accuracy", "numgluecm": "accuracy",
-                 "numglueds": "accuracy", "20minuten": "sari"}
+# TRACE's eight tasks and the metric its paper reports for each, computed as TRACE's scripts do
+# (the trace_* metrics above), keyed by the task name with anything but letters and digits
+# dropped (files live in C-STANCE/test.json, NumGLUE-cm/...). 20Minuten's SARI is HF's, as TRACE
+# computes it (sources are the prompts, one reference each), which `sari` already is.
+TRACE_METRICS = {"cstance": "trace_accuracy", "fomc": "trace_accuracy",
+                 "meetingbank": "trace_rouge_l", "py150": "trace_edit_sim",
+                 "scienceqa": "trace_scienceqa", "numgluecm": "trace_accuracy",
+                 "numglueds": "trace_accuracy", "20minuten": "sari"}
 
 # ---------------------------------------------------------------------------------------------
 # Running the model: every rank makes the same calls.

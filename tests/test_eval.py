@@ -150,7 +150,8 @@ def test_trace_edit_similarity_is_fuzzywuzzy_on_difflib():
     # Literals are replaced in both before comparing; empty afterwards scores 0.
     assert ev.trace_edit_similarity("x = <NUM_LIT>", "x = 0") == 1.0
     assert ev.trace_edit_similarity("f(<STR_LIT:a>)", "f(<STR_LIT>a)") == 1.0
-    assert ev.trace_edit_similarity("<STR_LIT>", "<STR_LIT>") == 0.0 and ev.trace_edit_similarity("", "") == 0.0
+    assert ev.trace_edit_similarity("<STR_LIT>", "<STR_LIT>") == 0.0
+    assert ev.trace_edit_similarity("", "") == 0.0
     assert ev.trace_edit_similarity("abc", "") == 0.0
     # difflib's autojunk: in a reference of 200+ characters, a character making up more than 1%
     # of it is "popular" and never starts a match; difflib then finds nothing here.
@@ -210,7 +211,8 @@ def test_trace_metrics_against_the_packages_trace_pins_if_installed():
     if fuzz.SequenceMatcher is not difflib.SequenceMatcher:
         pytest.skip("python-Levenshtein is installed: fuzzywuzzy then uses its ratio, not TRACE's difflib")
     rng = random.Random(2)
-    words = ["the", "The", "cat", "a", "über", "42", "x.y", ".", "..", " ", "\n", "<NUM_LIT>", "<STR_LIT:a b>"]
+    words = ["the", "The", "cat", "a", "über", "42", "x.y", ".", "..", " ", "\n", "<NUM_LIT>",
+             "<STR_LIT:a b>"]
     for _ in range(150):
         p = " ".join(rng.choice(words) for _ in range(rng.randint(0, 15)))
         r = " ".join(rng.choice(words) for _ in range(rng.randint(0, 15)))
@@ -590,3 +592,154 @@ def test_cli_reports_a_bad_file_and_fails(tiny_args, spm_path, tmp_path, capsys)
     missing = str(tmp_path / "nope.jsonl")
     assert ev.main(["--model", str(model_dir), "--tokenizer", spm_path, "--data", missing]) == 2
     assert "nope.jsonl" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Predictions made elsewhere
+
+
+def _task_file(tmp_path, task, records):
+    (tmp_path / task).mkdir(exist_ok=True)
+    path = tmp_path / task / "test.json"
+    path.write_text(json.dumps(records, ensure_ascii=False))
+    return str(path)
+
+
+def test_score_predictions_equals_evaluate_file(tiny_model, tok, tmp_path):
+    prompts = ["the river is", "one two", "code def", "paris london"]
+    gen = ev.generate(tiny_model, tok, prompts, max_new_tokens=5)
+    assert all(gen)
+    # The first answer is what the model says, so each file scores above 0.
+    answers = [gen[0], "B\nBecause of the sun.", "x = <NUM_LIT>", "The council met. It voted."]
+    records = [{"prompt": p, "answer": a} for p, a in zip(prompts, answers)]
+    files = {task: _task_file(tmp_path, task, records) for task in
+             ("C-STANCE", "ScienceQA", "Py150", "MeetingBank", "20Minuten")}
+    said = ev.generate(tiny_model, tok, ["Q: where is paris\nA:"], max_new_tokens=5)[0]
+    chat = [{"role": "user", "content": "add two"}, {"role": "assistant", "content": "four"}]
+    files["probe"] = _write_jsonl(tmp_path / "probe.jsonl", [
+        {"messages": chat, "metric": "em"},
+        {"question": "where is paris", "answers": ["london", said], "metric": "em"}])
+    metrics = {}
+    for name, path in files.items():
+        res = ev.evaluate_file(tiny_model, tok, path, max_new_tokens=5)
+        again = ev.score_predictions(path, [p["prediction"] for p in res["predictions"]])
+        assert again == res, name
+        assert res["score"] > 0 and res["n"] == len(res["predictions"]), name
+        metrics[name] = res["metric"]
+    assert metrics == {"C-STANCE": "trace_accuracy", "ScienceQA": "trace_scienceqa",
+                       "Py150": "trace_edit_sim", "MeetingBank": "trace_rouge_l", "20Minuten": "sari",
+                       "probe": "em"}
+
+
+SCIENCEQA = [{"prompt": "Which is a plant?", "answer": "A\nBecause it makes food."},
+             {"prompt": "Which is hot?", "answer": "B\nBecause of the sun."},
+             {"prompt": "Which is cold?", "answer": "C\nBecause of ice."}]
+
+
+def test_score_predictions_hand_computed(tmp_path):
+    path = _task_file(tmp_path, "ScienceQA", SCIENCEQA)
+    res = ev.score_predictions(path, ["A\nBecause it is green.", "B", "D\nBecause of ice."])
+    assert res["metric"] == "trace_scienceqa" and res["n"] == 3 and res["higher_is_better"]
+    assert res["score"] == pytest.approx(200 / 3)
+    assert [p["score"] for p in res["predictions"]] == [1.0, 1.0, 0.0]
+    assert res["predictions"][1] == {"prompt": "Which is hot?", "prediction": "B",
+                                     "reference": "B\nBecause of the sun.", "score": 1.0}
+    # The caller's metric wins, as for evaluate_file: whole strings differ.
+    assert ev.score_predictions(path, ["A\nx", "B", "C"], metric="accuracy")["score"] == 0.0
+    exact = [r["answer"] for r in SCIENCEQA]
+    assert ev.score_predictions(path, exact, metric="accuracy")["score"] == 100.0
+
+
+def test_score_predictions_rejects_what_it_cannot_score(tmp_path):
+    path = _task_file(tmp_path, "ScienceQA", SCIENCEQA)
+    with pytest.raises(ValueError, match=r"ScienceQA/test.json: 3 records but 2 predictions"):
+        ev.score_predictions(path, ["A", "B"])
+    with pytest.raises(ValueError, match=r"prediction \[1\] must be a string, got int"):
+        ev.score_predictions(path, ["A", 2, "C"])
+    with pytest.raises(ValueError, match="a list of strings, got one string"):
+        ev.score_predictions(path, "ABC")
+    mc = _write_jsonl(tmp_path / "mmlu.jsonl", [{"question": "q", "choices": ["a", "b"], "answer": 0}])
+    with pytest.raises(ValueError, match=r"mmlu.jsonl: metric 'mc' scores the model's log-probabilities"):
+        ev.score_predictions(mc, ["a"])
+    ppl = _write_jsonl(tmp_path / "wiki.jsonl", [{"text": "the river"}])
+    with pytest.raises(ValueError, match=r"wiki.jsonl: metric 'ppl' scores"):
+        ev.score_predictions(ppl, ["x"])
+
+
+def test_read_predictions_formats(tmp_path):
+    # JSON allows these raw inside strings; only "\n" ends a line. CRLF and blank lines are fine.
+    odd = ["a\u2028b", "c\u2029d\x85", "e\x0bf\x0c\x1c\x1d\x1e", "", "B\nBecause"]
+    lines = [json.dumps({"prediction": p, "id": i}, ensure_ascii=False) for i, p in enumerate(odd)]
+    text = "\r\n".join(lines[:3]) + "\r\n\n" + "\n".join(lines[3:]) + "\n"
+    (tmp_path / "p.jsonl").write_bytes(text.encode())
+    assert ev.read_predictions(str(tmp_path / "p.jsonl")) == odd
+    (tmp_path / "l.json").write_text(json.dumps(odd, indent=2, ensure_ascii=False))
+    assert ev.read_predictions(str(tmp_path / "l.json")) == odd
+    # TRACE's inference output (infer_single.py's save_inference_results): the "results" list.
+    trace_out = {"eval": {"accuracy": 0.5}, "prompts": ["p1", "p2"], "results": ["A", "B\n"],
+                 "labels": ["A", "C"]}
+    (tmp_path / "t.json").write_text(json.dumps(trace_out, ensure_ascii=False))
+    assert ev.read_predictions(str(tmp_path / "t.json")) == ["A", "B\n"]
+    (tmp_path / "one.jsonl").write_text('{"prediction": "x"}')
+    assert ev.read_predictions(str(tmp_path / "one.jsonl")) == ["x"]
+
+
+@pytest.mark.parametrize("text,match", [
+    ('{"prediction": "a"}\n\n{"prediction": "b"\n', r"bad.jsonl: line 3: malformed JSON"),
+    ('{"prediction": "a"}\n{"text": "b"}\n', r"bad.jsonl: line 2: expected an object with a 'prediction'"),
+    ('{"prediction": "a"}\n"b"\n', r"bad.jsonl: line 2: expected an object"),
+    ('{"prediction": 3}\n', r"bad.jsonl: line 1: a prediction must be a string, found int"),
+    ('["a",\n "b",\n]', r"bad.jsonl: line 3: malformed JSON"),
+    ('["a", null]', r"bad.jsonl: item \[1\]: a prediction must be a string, found NoneType"),
+    ('{"results": ["a", 1]}', r"bad.jsonl: 'results' \[1\]: a prediction must be a string"),
+    ("\n\n", r"bad.jsonl: no predictions"),
+])
+def test_read_predictions_errors_name_file_and_line(tmp_path, text, match):
+    import data
+    (tmp_path / "bad.jsonl").write_text(text)
+    with pytest.raises(data.DataError, match=match):
+        ev.read_predictions(str(tmp_path / "bad.jsonl"))
+
+
+def test_read_predictions_unreadable_files(tmp_path):
+    import data
+    with pytest.raises(data.DataError, match=r"nope.jsonl: cannot read predictions"):
+        ev.read_predictions(str(tmp_path / "nope.jsonl"))
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"prediction": "a"}\n{"prediction": "caf\xe9"}\n')
+    with pytest.raises(data.DataError, match=r"latin1.jsonl: line 2: bytes that are not UTF-8"):
+        ev.read_predictions(str(tmp_path / "latin1.jsonl"))
+
+
+def test_cli_scores_predictions_without_a_model(tmp_path, capsys):
+    path = _task_file(tmp_path, "ScienceQA", SCIENCEQA)
+    said = ["A\nBecause it is green.", "B", "D\nBecause of ice."]
+    preds = _write_jsonl(tmp_path / "vllm.jsonl", [{"prediction": p} for p in said])
+    out = tmp_path / "results.json"
+    assert ev.main(["--data", path, "--predictions", preds, "--out", str(out)]) == 0
+    saved = json.loads(out.read_text())
+    assert saved["predictions"] == preds
+    assert saved["results"] == [ev.score_predictions(path, said)]
+    assert saved["results"][0]["score"] == pytest.approx(200 / 3)
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert line.split()[-3:] == ["trace_scienceqa", "3", "66.67"]
+    # A JSON list of strings, and the caller's metric.
+    listed = tmp_path / "hf.json"
+    listed.write_text(json.dumps(said))
+    assert ev.main(["--data", path, "--predictions", str(listed), "--metric", "accuracy"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].split()[-3:] == ["accuracy", "3", "0.00"]
+
+
+def test_cli_predictions_errors(tmp_path, capsys):
+    path = _task_file(tmp_path, "ScienceQA", SCIENCEQA)
+    short = _write_jsonl(tmp_path / "short.jsonl", [{"prediction": "A"}])
+    assert ev.main(["--data", path, "--predictions", short]) == 2
+    assert "ScienceQA/test.json: 3 records but 1 predictions" in capsys.readouterr().err
+    (tmp_path / "bad.jsonl").write_text('{"prediction": "A"}\n{"prediction": \n')
+    assert ev.main(["--data", path, "--predictions", str(tmp_path / "bad.jsonl")]) == 2
+    assert "bad.jsonl: line 2: malformed JSON" in capsys.readouterr().err
+    for argv, message in [([path, path, "--predictions", short], "exactly one --data file, got 2"),
+                          ([path, "--predictions", short, "--model", "m"], "not allowed with argument"),
+                          ([path], "one of the arguments --model --predictions is required")]:
+        with pytest.raises(SystemExit) as e:
+            ev.main(["--data", *argv])
+        assert e.value.code == 2 and message in capsys.readouterr().err

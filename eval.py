@@ -2,13 +2,17 @@
 
     python eval.py --model runs/trace/FOMC --data trace/C-STANCE/test.json nq.jsonl [--out r.json]
     torchrun --nproc_per_node=8 eval.py --model ... --data ...   # examples split over ranks
+    python eval.py --data trace/Py150/test.json --predictions vllm.jsonl  # made elsewhere, no model
 
 - metrics: `exact_match` (SQuAD), `accuracy`, `rouge_l` (rouge-score), `edit_similarity`
   (rapidfuzz fuzz.ratio / 100), `sari` (Xu et al. 2016, as HF evaluate computes it), per example
-  in [0, 1]; `continual_metrics(R)` gives TRACE's OP and BWT;
+  in [0, 1]; TRACE's tasks are scored as TRACE's own scripts score them (`TRACE_METRICS`):
+  `trace_accuracy` (`==`, nothing stripped), `trace_scienceqa` (the first character),
+  `trace_rouge_l` (the `rouge` package 1.0.1), `trace_edit_similarity` (Py150's literals
+  replaced, then fuzzywuzzy's rounded ratio) and `sari`; `continual_metrics(R)` gives OP and BWT;
 - `generate`: batched greedy decoding through the model's KV cache;
 - `evaluate_file`: one TRACE / conversation / knowledge-probe / multiple-choice / text file ->
-  score, per-example predictions;
+  score, per-example predictions; `score_predictions`: the same for predictions made elsewhere;
 - `write_report`: the stage runner's R matrix, OP, BWT and probe retention, as JSON and markdown.
 
 Every model call is made the same number of times on every rank, so an FSDP-sharded model (whose
@@ -17,6 +21,7 @@ forward all-gathers parameters across ranks) never deadlocks on a rank that ran 
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import math
 import os
@@ -108,6 +113,106 @@ def edit_similarity(pred: str, ref) -> float:
     return best
 
 
+# TRACE's own scoring (BeyonderXX/TRACE, evaluations/eval_<task>.py over metrics.py, with the
+# packages its requirements pin: rouge==1.0.1, fuzzywuzzy without python-Levenshtein). Its
+# scripts skip an empty prediction or answer but still divide by the number of examples, so an
+# empty one scores 0 and counts in the mean; where its script would raise instead (an empty
+# ScienceQA prediction, a MeetingBank text of only dots), these score 0 too.
+
+
+def trace_accuracy(pred: str, ref) -> float:
+    """TRACE's `caculate_accuracy` (C-STANCE, FOMC, NumGLUE-cm/ds): `prediction == answer`, no
+    whitespace stripped, so "A\n" is wrong for "A"; empty scores 0. Best over references."""
+    return float(pred != "" and any(pred == r for r in _as_list(ref)))
+
+
+def trace_scienceqa(pred: str, ref) -> float:
+    """TRACE's eval_ScienceQA: accuracy of the first character only, the answer letter of
+    "B\nBecause ..."; an empty prediction scores 0 (TRACE's `datium[0]` would raise)."""
+    return float(pred != "" and any(pred[0] == r[:1] for r in _as_list(ref)))
+
+
+_PY150_LITERAL = re.compile(r"<(STR|NUM|CHAR)_LIT:(.*?)>", re.S)
+
+
+def _py150_postprocess(code: str) -> str:
+    """eval_Py150.postprocess, step for step (the order matters when a literal's own text
+    looks like a placeholder): bare placeholders first, then each <KIND_LIT:text> -> text."""
+    code = code.replace("<NUM_LIT>", "0").replace("<STR_LIT>", "").replace("<CHAR_LIT>", "")
+    for kind, text in _PY150_LITERAL.findall(code):
+        code = code.replace(f"<{kind}_LIT:{text}>", text)
+    return code
+
+
+def trace_edit_similarity(pred: str, ref) -> float:
+    """TRACE's Py150 score / 100: literals replaced in prediction and answer alike, then
+    fuzzywuzzy's fuzz.ratio(prediction, answer). Without python-Levenshtein that is difflib's
+    SequenceMatcher(None, pred, ref).ratio() (autojunk and its asymmetry included) x 100,
+    rounded to an int by Python's round (half to even); 100 for equal strings, 0 when either is
+    empty after the replacement. Best over references."""
+    p = _py150_postprocess(pred)
+    best = 0
+    for r in map(_py150_postprocess, _as_list(ref)):
+        if p and r:
+            ratio = 100 if p == r else round(100 * difflib.SequenceMatcher(None, p, r).ratio())
+            best = max(best, ratio)
+    return best / 100
+
+
+def _rouge_sentences(text: str) -> list[str]:
+    # rouge 1.0.1: split on ".", drop empty pieces, squeeze whitespace (a blank piece stays "").
+    return [" ".join(s.split()) for s in text.split(".") if s]
+
+
+def _recon_lcs_words(x: list[str], y: list[str]) -> set[str]:
+    """The words of the one LCS of x and y that rouge 1.0.1's `_recon_lcs` backtracks to: on a
+    match go diagonally, else up when the cell above is strictly larger, else left. Which LCS
+    it finds matters: ROUGE-L counts the distinct words of the union of these."""
+    table = [[0] * (len(y) + 1)]
+    for a in x:
+        prev, row = table[-1], [0]
+        for j, b in enumerate(y):
+            row.append(prev[j] + 1 if a == b else max(prev[j + 1], row[j]))
+        table.append(row)
+    words, i, j = set(), len(x), len(y)
+    while i and j:
+        if x[i - 1] == y[j - 1]:
+            words.add(x[i - 1])
+            i, j = i - 1, j - 1
+        elif table[i - 1][j] > table[i][j - 1]:
+            i -= 1
+        else:
+            j -= 1
+    return words
+
+
+def _rouge_pkg_l(pred: str, ref: str) -> float:
+    """rouge 1.0.1's `Rouge(metrics=["rouge-l"]).get_scores(ref, pred)["rouge-l"]["f"]`, the
+    arguments in TRACE's order (its `score_rouge(target, prediction)` passes the answer as the
+    hypothesis). Summary-level ROUGE-L over sentences split on ".", tokens split on spaces, case
+    kept: the union of per-sentence-pair LCS words, counted as distinct words, as are both
+    lengths (the package's `exclusive=True` sets)."""
+    if pred == "" or ref == "":
+        return 0.0
+    hyp, refs = _rouge_sentences(ref), _rouge_sentences(pred)
+    if not hyp or not refs:  # only dots: the package raises "Collections must contain ..."
+        return 0.0
+    m = len({w for s in refs for w in s.split(" ")})
+    n = len({w for s in hyp for w in s.split(" ")})
+    union = set()
+    for r in refs:
+        for h in hyp:
+            union |= _recon_lcs_words(r.split(" "), h.split(" "))
+    r_lcs, p_lcs = len(union) / m, len(union) / n
+    return 2.0 * ((p_lcs * r_lcs) / (p_lcs + r_lcs + 1e-8))
+
+
+def trace_rouge_l(pred: str, ref) -> float:
+    """TRACE's MeetingBank score: the `rouge` package's ROUGE-L F (see `_rouge_pkg_l`); empty
+    scores 0. Best over references."""
+    return max((_rouge_pkg_l(pred, r) for r in _as_list(ref)), default=0.0)
+
+
 def _tokenize_13a(line: str) -> str:
     """sacrebleu's 13a tokenizer (mteval-v13a), which HF evaluate's SARI applies before splitting."""
     line = line.replace("<skipped>", "").replace("-\n", "").replace("\n", " ")
@@ -187,14 +292,21 @@ GEN_METRICS = {
     "rouge_l": lambda ex, pred: rouge_l(pred, ex["reference"]),
     "edit_sim": lambda ex, pred: edit_similarity(pred, ex["reference"]),
     "sari": lambda ex, pred: sari(ex["prompt"], pred, ex["reference"]),
+    "trace_accuracy": lambda ex, pred: trace_accuracy(pred, ex["reference"]),
+    "trace_scienceqa": lambda ex, pred: trace_scienceqa(pred, ex["reference"]),
+    "trace_rouge_l": lambda ex, pred: trace_rouge_l(pred, ex["reference"]),
+    "trace_edit_sim": lambda ex, pred: trace_edit_similarity(pred, ex["reference"]),
 }
 METRICS = (*GEN_METRICS, "mc", "ppl")
 
-# TRACE's eight tasks and the metric its paper reports for each, keyed by the task name with
-# anything but letters and digits dropped (files live in C-STANCE/test.json, NumGLUE-cm/...).
-TRACE_METRICS = {"cstance": "accuracy", "fomc": "accuracy", "meetingbank": "rouge_l",
-                 "py150": "edit_sim", "scienceqa": "accuracy", "numgluecm": "accuracy",
-                 "numglueds": "accuracy", "20minuten": "sari"}
+# TRACE's eight tasks and the metric its paper reports for each, computed as TRACE's scripts do
+# (the trace_* metrics above), keyed by the task name with anything but letters and digits
+# dropped (files live in C-STANCE/test.json, NumGLUE-cm/...). 20Minuten's SARI is HF's, as TRACE
+# computes it (sources are the prompts, one reference each), which `sari` already is.
+TRACE_METRICS = {"cstance": "trace_accuracy", "fomc": "trace_accuracy",
+                 "meetingbank": "trace_rouge_l", "py150": "trace_edit_sim",
+                 "scienceqa": "trace_scienceqa", "numgluecm": "trace_accuracy",
+                 "numglueds": "trace_accuracy", "20minuten": "sari"}
 
 # ---------------------------------------------------------------------------------------------
 # Running the model: every rank makes the same calls.
@@ -468,11 +580,21 @@ def load_examples(path: str, metric: str | None = None) -> tuple[str, list[dict]
     return metric, [_example(rec, metric, where(n)) for n, rec in records]
 
 
-def _score_generation(model, tokenizer, examples, metric, max_new_tokens, batch_size):
-    preds = generate(model, tokenizer, [ex["prompt"] for ex in examples], max_new_tokens, batch_size)
+def _score_texts(examples, metric, texts) -> list[dict]:
+    """Score generated texts against their examples: the one path for evaluate_file's own
+    generations and score_predictions' texts from elsewhere."""
     fn = GEN_METRICS[metric]
     return [{"prompt": ex["prompt"], "prediction": p, "reference": ex["reference"], "score": fn(ex, p)}
-            for ex, p in zip(examples, preds)]
+            for ex, p in zip(examples, texts)]
+
+
+def _result(path: str, metric: str, preds: list[dict], score: float) -> dict:
+    return {"file": path, "metric": metric, "score": score, "n": len(preds),
+            "higher_is_better": metric != "ppl", "predictions": preds}
+
+
+def _mean_score(preds: list[dict]) -> float:
+    return 100.0 * sum(p["score"] for p in preds) / len(preds)
 
 
 def _score_choices(model, tokenizer, examples, batch_size):
@@ -529,15 +651,93 @@ def evaluate_file(model, tokenizer, path: str, metric: str | None = None, max_ne
         tokens = sum(p["tokens"] for p in preds)
         if tokens == 0:
             raise ValueError(f"{path}: no tokens to score (every text is empty)")
-        score = math.exp(sum(p["nll"] for p in preds) / tokens)
+        return _result(path, metric, preds, math.exp(sum(p["nll"] for p in preds) / tokens))
+    if metric == "mc":
+        preds = _score_choices(model, tokenizer, examples, batch_size)
     else:
-        if metric == "mc":
-            preds = _score_choices(model, tokenizer, examples, batch_size)
-        else:
-            preds = _score_generation(model, tokenizer, examples, metric, max_new_tokens, batch_size)
-        score = 100.0 * sum(p["score"] for p in preds) / len(preds)
-    return {"file": path, "metric": metric, "score": score, "n": len(examples),
-            "higher_is_better": metric != "ppl", "predictions": preds}
+        texts = generate(model, tokenizer, [ex["prompt"] for ex in examples], max_new_tokens, batch_size)
+        preds = _score_texts(examples, metric, texts)
+    return _result(path, metric, preds, _mean_score(preds))
+
+
+def score_predictions(path: str, predictions: list[str], metric: str | None = None) -> dict:
+    """Score predictions made elsewhere (vLLM, HF generate, TRACE's own inference), one string
+    per record in the file's order, exactly as `evaluate_file` scores a model that generated
+    them: same metric choice, references and per-example metric, same result dict."""
+    metric, examples = load_examples(path, metric)
+    if metric not in GEN_METRICS:
+        raise ValueError(f"{path}: metric {metric!r} scores the model's log-probabilities, not "
+                         "generated text; run evaluate_file (eval.py --model) for it")
+    if isinstance(predictions, str):
+        raise ValueError(f"{path}: predictions must be a list of strings, got one string")
+    predictions = list(predictions)
+    if len(predictions) != len(examples):
+        raise ValueError(f"{path}: {len(examples)} records but {len(predictions)} predictions "
+                         "(one per record, in the file's order)")
+    for i, p in enumerate(predictions):
+        if not isinstance(p, str):
+            raise ValueError(f"{path}: prediction [{i}] must be a string, got {type(p).__name__}")
+    preds = _score_texts(examples, metric, predictions)
+    return _result(path, metric, preds, _mean_score(preds))
+
+
+def _checked_strings(path: str, items, where) -> list[str]:
+    import data
+    for i, p in enumerate(items):
+        if not isinstance(p, str):
+            raise data.DataError(f"{path}: {where(i)}: a prediction must be a string, "
+                                 f"found {type(p).__name__}")
+    return items
+
+
+def _malformed(path: str, line: int, e: json.JSONDecodeError):
+    import data
+    return data.DataError(f"{path}: line {line}: malformed JSON ({e.msg}, column {e.colno})")
+
+
+def read_predictions(path: str) -> list[str]:
+    """Predictions made elsewhere, in record order: JSON Lines with one {"prediction": "..."} per
+    line (blank lines skipped; lines split at "\n" only, as JSON may hold U+2028 raw), a JSON
+    list of strings, or TRACE's inference output (an object whose "results" list holds them)."""
+    import data
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise data.DataError(f"{path}: cannot read predictions: {e.strerror or e}") from e
+    try:
+        text = raw.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise data.DataError(f"{path}: line {line}: bytes that are not UTF-8 "
+                             f"(byte offset {e.start})") from None
+    head = text.lstrip()[:1]
+    if head in ("[", "{"):
+        try:
+            whole = json.loads(text)
+        except json.JSONDecodeError as e:
+            if head == "[":
+                raise _malformed(path, e.lineno, e) from None
+            whole = None  # JSON Lines: one value per line, read below
+        if isinstance(whole, list):
+            return _checked_strings(path, whole, lambda i: f"item [{i}]")
+        if isinstance(whole, dict) and "prediction" not in whole and isinstance(whole.get("results"), list):
+            return _checked_strings(path, whole["results"], lambda i: f"'results' [{i}]")  # TRACE's
+    preds = []
+    for n, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise _malformed(path, n, e) from None
+        if not isinstance(rec, dict) or "prediction" not in rec:
+            raise data.DataError(f"{path}: line {n}: expected an object with a 'prediction' string, "
+                                 f"found {json.dumps(rec, ensure_ascii=False)[:80]}")
+        preds.append(_checked_strings(path, [rec["prediction"]], lambda i: f"line {n}")[0])
+    if not preds:
+        raise data.DataError(f"{path}: no predictions (empty file)")
+    return preds
 
 
 # ---------------------------------------------------------------------------------------------
@@ -648,9 +848,22 @@ def write_report(out_dir: str, base: dict | None, stages: list[dict]) -> dict:
 # Command line.
 
 
-def main(argv=None) -> int:
+def _print_results(results: list[dict]):
+    width = max(len(r["file"]) for r in results)
+    mwidth = max(9, *(len(r["metric"]) + 2 for r in results))
+    print(f"{'file':<{width}}  {'metric':<{mwidth}}{'n':>7}{'score':>10}")
+    for r in results:
+        note = "" if r["higher_is_better"] else "  (perplexity, lower is better)"
+        print(f"{r['file']:<{width}}  {r['metric']:<{mwidth}}{r['n']:>7}{r['score']:>10.2f}{note}")
+
+
+def _parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="model directory (Meta or HF format, see model.load_model)")
+    source = ap.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="model directory (Meta or HF format, see model.load_model)")
+    source.add_argument("--predictions", help="score these predictions, made elsewhere, against the one "
+                        "--data file without a model: JSON Lines of {\"prediction\": ...} in record "
+                        "order, or a JSON list of strings")
     ap.add_argument("--data", required=True, nargs="+", help="evaluation files (.jsonl / .json / .txt)")
     ap.add_argument("--metric", choices=METRICS, help="override the metric for every file")
     ap.add_argument("--max-new-tokens", type=int, default=64)
@@ -660,6 +873,28 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), help="default: bfloat16 on GPU, float32 on CPU")
     ap.add_argument("--max-seq-len", type=int, help="context length (default: the checkpoint's, see model.load_model)")
     args = ap.parse_args(argv)
+    if args.predictions and len(args.data) != 1:
+        ap.error(f"--predictions scores exactly one --data file, got {len(args.data)}")
+    return args
+
+
+def _main_predictions(args) -> int:
+    try:
+        result = score_predictions(args.data[0], read_predictions(args.predictions), args.metric)
+    except (ValueError, OSError) as e:  # DataError is a ValueError
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    _print_results([result])
+    if args.out:
+        saved = {"predictions": args.predictions, "results": [result]}
+        _write_atomic(args.out, json.dumps(saved, indent=2, ensure_ascii=False) + "\n")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = _parse_args(argv)
+    if args.predictions:
+        return _main_predictions(args)
 
     import data
     import model as model_lib
@@ -682,11 +917,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if rank == 0:
-        width = max(len(r["file"]) for r in results)
-        print(f"{'file':<{width}}  {'metric':<9}{'n':>7}{'score':>10}")
-        for r in results:
-            note = "" if r["higher_is_better"] else "  (perplexity, lower is better)"
-            print(f"{r['file']:<{width}}  {r['metric']:<9}{r['n']:>7}{r['score']:>10.2f}{note}")
+        _print_results(results)
         if args.out:
             _write_atomic(args.out, json.dumps({"model": args.model, "results": results}, indent=2,
                                                ensure_ascii=False) + "\n")

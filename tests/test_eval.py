@@ -108,6 +108,121 @@ def test_metrics_against_reference_packages_if_installed():
         assert ev.edit_similarity(p, r) == pytest.approx(fuzz.ratio(p, r) / 100, abs=1e-12)
 
 
+def test_trace_accuracy_compares_with_equals_and_no_strip():
+    # TRACE's caculate_accuracy: prediction == answer; empty prediction or answer skipped but
+    # still divided by the number of examples, i.e. 0.
+    assert ev.trace_accuracy("A", "A") == 1.0
+    assert ev.trace_accuracy("A\n", "A") == 0.0 and ev.trace_accuracy(" A", "A") == 0.0
+    assert ev.trace_accuracy("a", "A") == 0.0 and ev.trace_accuracy("12", "12.0") == 0.0
+    assert ev.trace_accuracy("", "") == 0.0 and ev.trace_accuracy("", "A") == 0.0
+    assert ev.trace_accuracy("B", ["A", "B"]) == 1.0
+
+
+def test_trace_scienceqa_compares_the_first_character():
+    assert ev.trace_scienceqa("B\nBecause plants make food.", "B\nBecause of the sun.") == 1.0
+    assert ev.trace_scienceqa("B", "B\nBecause ...") == 1.0 and ev.trace_scienceqa("BA", "B\n") == 1.0
+    assert ev.trace_scienceqa("C\nBecause of the sun.", "B\nBecause of the sun.") == 0.0
+    assert ev.trace_scienceqa(" B", "B\n") == 0.0 and ev.trace_scienceqa("b\n", "B\n") == 0.0
+    assert ev.trace_scienceqa("", "B\n") == 0.0  # TRACE's datium[0] would raise; 0 here
+    assert ev.trace_scienceqa("B", "") == 0.0
+    assert ev.accuracy("B\nBecause plants make food.", "B\nBecause of the sun.") == 0.0  # what it was
+
+
+def test_py150_literals_replaced_as_trace_does():
+    pp = ev._py150_postprocess
+    assert pp("x = <NUM_LIT> + len(<STR_LIT>) + ord(<CHAR_LIT>)") == "x = 0 + len() + ord()"
+    assert pp("f(<STR_LIT:hi>, <NUM_LIT:3>, <CHAR_LIT:c>)") == "f(hi, 3, c)"
+    assert pp("<STR_LIT:a\nb> == <STR_LIT:a\nb>") == "a\nb == a\nb"  # re.S: across lines; every copy
+    # Bare placeholders first, then <KIND_LIT:text> non-greedy up to the first ">":
+    assert pp("<STR_LIT:<NUM_LIT>>") == "0"
+    assert pp("<STR_LIT:<STR_LIT:a>>") == "<STR_LIT:a>"
+    assert pp("<NUM_LIT:1><NUM_LIT:1>>") == "11>"
+    assert pp("<STR_LIT:>") == "" and pp("<EOL> <INDENT>") == "<EOL> <INDENT>"
+
+
+def test_trace_edit_similarity_is_fuzzywuzzy_on_difflib():
+    # difflib's matching blocks "itt" + "n" = 4 of 13 -> 61.5 -> 62 (rapidfuzz's unrounded 61.54)
+    assert ev.trace_edit_similarity("kitten", "sitting") == 0.62
+    assert ev.edit_similarity("kitten", "sitting") == pytest.approx(8 / 13)
+    # Python's round is half to even: 2/16 -> 12.5 -> 12; 6/16 -> 37.5 -> 38.
+    assert ev.trace_edit_similarity("abcdefgh", "aijklmno") == 0.12
+    assert ev.trace_edit_similarity("abcdefgh", "abcijklm") == 0.38
+    # Literals are replaced in both before comparing; empty afterwards scores 0.
+    assert ev.trace_edit_similarity("x = <NUM_LIT>", "x = 0") == 1.0
+    assert ev.trace_edit_similarity("f(<STR_LIT:a>)", "f(<STR_LIT>a)") == 1.0
+    assert ev.trace_edit_similarity("<STR_LIT>", "<STR_LIT>") == 0.0
+    assert ev.trace_edit_similarity("", "") == 0.0
+    assert ev.trace_edit_similarity("abc", "") == 0.0
+    # difflib's autojunk: in a reference of 200+ characters, a character making up more than 1%
+    # of it is "popular" and never starts a match; difflib then finds nothing here.
+    assert ev.trace_edit_similarity("x" + "ab" * 100, "ab" * 100) == 0.0
+    assert ev.edit_similarity("x" + "ab" * 100, "ab" * 100) == pytest.approx(400 / 401)
+    # ... which makes the score depend on which side is the reference (TRACE: ratio(pred, ref)).
+    assert ev.trace_edit_similarity("x" + "a" * 199, "a" * 150) == 0.86  # 300/350 = 85.7 -> 86
+    assert ev.trace_edit_similarity("a" * 150, "x" + "a" * 199) == 0.0
+
+
+def _rouge_f(llcs, m, n):
+    """rouge 1.0.1's F from the union LCS word count and the two distinct-word counts."""
+    r, p = llcs / m, llcs / n
+    return 2.0 * ((p * r) / (p + r + 1e-8))
+
+
+def test_trace_rouge_l_is_the_rouge_package_summary_level():
+    assert ev.trace_rouge_l("the cat sat", "the cat sat") == _rouge_f(3, 3, 3)
+    # Words are counted as sets: repeats do not count, and "a a b" / "a b b" share both words.
+    assert ev.trace_rouge_l("a a a", "a a a") == _rouge_f(1, 1, 1)
+    assert ev.trace_rouge_l("a a b", "a b b") == _rouge_f(2, 2, 2)
+    assert ev.rouge_l("a a b", "a b b") == pytest.approx(2 / 3)  # rouge-score: sequences
+    # Sentences split on ".": each prediction sentence is matched against every answer sentence.
+    assert ev.trace_rouge_l("a b. c d", "c d. a b") == _rouge_f(4, 4, 4)
+    assert ev.rouge_l("a b. c d", "c d. a b") == pytest.approx(0.5)
+    # The backtracked LCS of "a b c d" (prediction) and "b a d c" is {b, d}: 2 of 4 each.
+    assert ev.trace_rouge_l("a b c d", "b a d c") == _rouge_f(2, 4, 4)
+    # Which LCS is backtracked matters: "a b" vs "b a" ties; going left first finds {b}, which
+    # with {a} from the second sentence makes both words: 2 of 2 (going up would give 1).
+    assert ev.trace_rouge_l("a b", "b a. a") == _rouge_f(2, 2, 2)
+    # Case kept, punctuation other than "." kept in the word.
+    assert ev.trace_rouge_l("The cat", "the cat") == _rouge_f(1, 2, 2)
+    assert ev.trace_rouge_l("cat, sat", "cat sat") == _rouge_f(1, 2, 2)
+    # A blank piece between dots is a sentence holding the word "": {"a", ""} vs {"a"}.
+    assert ev.trace_rouge_l("a. .", "a") == _rouge_f(1, 2, 1)
+    # Empty scores 0 (TRACE skips it); only dots scores 0 (the package raises).
+    assert ev.trace_rouge_l("", "a") == 0.0 and ev.trace_rouge_l("a", "") == 0.0
+    assert ev.trace_rouge_l("...", "a b.") == 0.0 and ev.trace_rouge_l("a b.", ".") == 0.0
+    assert ev.trace_rouge_l("a", ["b", "a"]) == _rouge_f(1, 1, 1)  # best reference
+
+
+def _trace_rouge(pred, ref):
+    """TRACE's metrics.caculate_rouge for one example, with its rouge 1.0.1."""
+    from rouge import Rouge
+    if pred == "" or ref == "":
+        return 0.0
+    try:
+        return Rouge(metrics=["rouge-l"]).get_scores(ref, pred, avg=True)["rouge-l"]["f"]
+    except ValueError:  # only dots: TRACE's script stops here; eval.py scores 0
+        return 0.0
+
+
+def test_trace_metrics_against_the_packages_trace_pins_if_installed():
+    pytest.importorskip("rouge.rouge_score")  # the `rouge` package (pip install rouge==1.0.1)
+    fuzz = pytest.importorskip("fuzzywuzzy.fuzz")
+    import difflib
+    if fuzz.SequenceMatcher is not difflib.SequenceMatcher:
+        pytest.skip("python-Levenshtein is installed: fuzzywuzzy then uses its ratio, not TRACE's difflib")
+    rng = random.Random(2)
+    words = ["the", "The", "cat", "a", "über", "42", "x.y", ".", "..", " ", "\n", "<NUM_LIT>",
+             "<STR_LIT:a b>"]
+    for _ in range(150):
+        p = " ".join(rng.choice(words) for _ in range(rng.randint(0, 15)))
+        r = " ".join(rng.choice(words) for _ in range(rng.randint(0, 15)))
+        assert ev.trace_rouge_l(p, r) == _trace_rouge(p, r)
+        pp, rr = ev._py150_postprocess(p), ev._py150_postprocess(r)
+        assert ev.trace_edit_similarity(p, r) == (fuzz.ratio(pp, rr) if pp and rr else 0) / 100
+    long_ref = "".join(rng.choice("ab (x)") for _ in range(300))  # past difflib's autojunk length
+    assert ev.trace_edit_similarity(long_ref[5:250], long_ref) == fuzz.ratio(long_ref[5:250], long_ref) / 100
+
+
 def test_continual_metrics_worked_example():
     # OP = (65 + 55 + 90) / 3 = 70; BWT = ((65 - 80) + (55 - 60) + (90 - 90)) / 3 = -20/3
     R = [[80], [70, 60], [65, 55, 90]]
@@ -266,7 +381,8 @@ def test_record_formats_and_metric_choice(tiny_model, tok, tmp_path):
     trace.write_text(json.dumps([{"prompt": prompts[0], "answer": preds[0]},
                                  {"prompt": prompts[1], "answer": preds[1] + " no"}]))
     res = ev.evaluate_file(tiny_model, tok, str(trace), max_new_tokens=5)
-    assert res["metric"] == "accuracy" and res["score"] == pytest.approx(50.0)
+    assert preds[0] != ""  # TRACE's accuracy scores an empty prediction 0
+    assert res["metric"] == "trace_accuracy" and res["score"] == pytest.approx(50.0)
     assert [p["prediction"] for p in res["predictions"]] == preds
     # The caller's metric overrides the file name; rouge_l gives partial credit.
     res = ev.evaluate_file(tiny_model, tok, str(trace), metric="rouge_l", max_new_tokens=5)
@@ -300,10 +416,10 @@ def test_record_formats_and_metric_choice(tiny_model, tok, tmp_path):
 
 
 @pytest.mark.parametrize("path,metric", [
-    ("trace/C-STANCE/test.json", "accuracy"), ("trace/FOMC/test.json", "accuracy"),
-    ("MeetingBank.jsonl", "rouge_l"), ("trace/Py150/test.json", "edit_sim"),
-    ("trace/ScienceQA/test.json", "accuracy"), ("trace/NumGLUE-cm/test.json", "accuracy"),
-    ("numglue_ds_test.jsonl", "accuracy"), ("trace/20Minuten/test.json", "sari"),
+    ("trace/C-STANCE/test.json", "trace_accuracy"), ("trace/FOMC/test.json", "trace_accuracy"),
+    ("MeetingBank.jsonl", "trace_rouge_l"), ("trace/Py150/test.json", "trace_edit_sim"),
+    ("trace/ScienceQA/test.json", "trace_scienceqa"), ("trace/NumGLUE-cm/test.json", "trace_accuracy"),
+    ("numglue_ds_test.jsonl", "trace_accuracy"), ("trace/20Minuten/test.json", "sari"),
 ])
 def test_trace_task_names_map_to_their_metrics(path, metric):
     assert ev._default_metric(path, {"prompt": "p", "answer": "a"}) == metric
@@ -476,3 +592,154 @@ def test_cli_reports_a_bad_file_and_fails(tiny_args, spm_path, tmp_path, capsys)
     missing = str(tmp_path / "nope.jsonl")
     assert ev.main(["--model", str(model_dir), "--tokenizer", spm_path, "--data", missing]) == 2
     assert "nope.jsonl" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Predictions made elsewhere
+
+
+def _task_file(tmp_path, task, records):
+    (tmp_path / task).mkdir(exist_ok=True)
+    path = tmp_path / task / "test.json"
+    path.write_text(json.dumps(records, ensure_ascii=False))
+    return str(path)
+
+
+def test_score_predictions_equals_evaluate_file(tiny_model, tok, tmp_path):
+    prompts = ["the river is", "one two", "code def", "paris london"]
+    gen = ev.generate(tiny_model, tok, prompts, max_new_tokens=5)
+    assert all(gen)
+    # The first answer is what the model says, so each file scores above 0.
+    answers = [gen[0], "B\nBecause of the sun.", "x = <NUM_LIT>", "The council met. It voted."]
+    records = [{"prompt": p, "answer": a} for p, a in zip(prompts, answers)]
+    files = {task: _task_file(tmp_path, task, records) for task in
+             ("C-STANCE", "ScienceQA", "Py150", "MeetingBank", "20Minuten")}
+    said = ev.generate(tiny_model, tok, ["Q: where is paris\nA:"], max_new_tokens=5)[0]
+    chat = [{"role": "user", "content": "add two"}, {"role": "assistant", "content": "four"}]
+    files["probe"] = _write_jsonl(tmp_path / "probe.jsonl", [
+        {"messages": chat, "metric": "em"},
+        {"question": "where is paris", "answers": ["london", said], "metric": "em"}])
+    metrics = {}
+    for name, path in files.items():
+        res = ev.evaluate_file(tiny_model, tok, path, max_new_tokens=5)
+        again = ev.score_predictions(path, [p["prediction"] for p in res["predictions"]])
+        assert again == res, name
+        assert res["score"] > 0 and res["n"] == len(res["predictions"]), name
+        metrics[name] = res["metric"]
+    assert metrics == {"C-STANCE": "trace_accuracy", "ScienceQA": "trace_scienceqa",
+                       "Py150": "trace_edit_sim", "MeetingBank": "trace_rouge_l", "20Minuten": "sari",
+                       "probe": "em"}
+
+
+SCIENCEQA = [{"prompt": "Which is a plant?", "answer": "A\nBecause it makes food."},
+             {"prompt": "Which is hot?", "answer": "B\nBecause of the sun."},
+             {"prompt": "Which is cold?", "answer": "C\nBecause of ice."}]
+
+
+def test_score_predictions_hand_computed(tmp_path):
+    path = _task_file(tmp_path, "ScienceQA", SCIENCEQA)
+    res = ev.score_predictions(path, ["A\nBecause it is green.", "B", "D\nBecause of ice."])
+    assert res["metric"] == "trace_scienceqa" and res["n"] == 3 and res["higher_is_better"]
+    assert res["score"] == pytest.approx(200 / 3)
+    assert [p["score"] for p in res["predictions"]] == [1.0, 1.0, 0.0]
+    assert res["predictions"][1] == {"prompt": "Which is hot?", "prediction": "B",
+                                     "reference": "B\nBecause of the sun.", "score": 1.0}
+    # The caller's metric wins, as for evaluate_file: whole strings differ.
+    assert ev.score_predictions(path, ["A\nx", "B", "C"], metric="accuracy")["score"] == 0.0
+    exact = [r["answer"] for r in SCIENCEQA]
+    assert ev.score_predictions(path, exact, metric="accuracy")["score"] == 100.0
+
+
+def test_score_predictions_rejects_what_it_cannot_score(tmp_path):
+    path = _task_file(tmp_path, "ScienceQA", SCIENCEQA)
+    with pytest.raises(ValueError, match=r"ScienceQA/test.json: 3 records but 2 predictions"):
+        ev.score_predictions(path, ["A", "B"])
+    with pytest.raises(ValueError, match=r"prediction \[1\] must be a string, got int"):
+        ev.score_predictions(path, ["A", 2, "C"])
+    with pytest.raises(ValueError, match="a list of strings, got one string"):
+        ev.score_predictions(path, "ABC")
+    mc = _write_jsonl(tmp_path / "mmlu.jsonl", [{"question": "q", "choices": ["a", "b"], "answer": 0}])
+    with pytest.raises(ValueError, match=r"mmlu.jsonl: metric 'mc' scores the model's log-probabilities"):
+        ev.score_predictions(mc, ["a"])
+    ppl = _write_jsonl(tmp_path / "wiki.jsonl", [{"text": "the river"}])
+    with pytest.raises(ValueError, match=r"wiki.jsonl: metric 'ppl' scores"):
+        ev.score_predictions(ppl, ["x"])
+
+
+def test_read_predictions_formats(tmp_path):
+    # JSON allows these raw inside strings; only "\n" ends a line. CRLF and blank lines are fine.
+    odd = ["a\u2028b", "c\u2029d\x85", "e\x0bf\x0c\x1c\x1d\x1e", "", "B\nBecause"]
+    lines = [json.dumps({"prediction": p, "id": i}, ensure_ascii=False) for i, p in enumerate(odd)]
+    text = "\r\n".join(lines[:3]) + "\r\n\n" + "\n".join(lines[3:]) + "\n"
+    (tmp_path / "p.jsonl").write_bytes(text.encode())
+    assert ev.read_predictions(str(tmp_path / "p.jsonl")) == odd
+    (tmp_path / "l.json").write_text(json.dumps(odd, indent=2, ensure_ascii=False))
+    assert ev.read_predictions(str(tmp_path / "l.json")) == odd
+    # TRACE's inference output (infer_single.py's save_inference_results): the "results" list.
+    trace_out = {"eval": {"accuracy": 0.5}, "prompts": ["p1", "p2"], "results": ["A", "B\n"],
+                 "labels": ["A", "C"]}
+    (tmp_path / "t.json").write_text(json.dumps(trace_out, ensure_ascii=False))
+    assert ev.read_predictions(str(tmp_path / "t.json")) == ["A", "B\n"]
+    (tmp_path / "one.jsonl").write_text('{"prediction": "x"}')
+    assert ev.read_predictions(str(tmp_path / "one.jsonl")) == ["x"]
+
+
+@pytest.mark.parametrize("text,match", [
+    ('{"prediction": "a"}\n\n{"prediction": "b"\n', r"bad.jsonl: line 3: malformed JSON"),
+    ('{"prediction": "a"}\n{"text": "b"}\n', r"bad.jsonl: line 2: expected an object with a 'prediction'"),
+    ('{"prediction": "a"}\n"b"\n', r"bad.jsonl: line 2: expected an object"),
+    ('{"prediction": 3}\n', r"bad.jsonl: line 1: a prediction must be a string, found int"),
+    ('["a",\n "b",\n]', r"bad.jsonl: line 3: malformed JSON"),
+    ('["a", null]', r"bad.jsonl: item \[1\]: a prediction must be a string, found NoneType"),
+    ('{"results": ["a", 1]}', r"bad.jsonl: 'results' \[1\]: a prediction must be a string"),
+    ("\n\n", r"bad.jsonl: no predictions"),
+])
+def test_read_predictions_errors_name_file_and_line(tmp_path, text, match):
+    import data
+    (tmp_path / "bad.jsonl").write_text(text)
+    with pytest.raises(data.DataError, match=match):
+        ev.read_predictions(str(tmp_path / "bad.jsonl"))
+
+
+def test_read_predictions_unreadable_files(tmp_path):
+    import data
+    with pytest.raises(data.DataError, match=r"nope.jsonl: cannot read predictions"):
+        ev.read_predictions(str(tmp_path / "nope.jsonl"))
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"prediction": "a"}\n{"prediction": "caf\xe9"}\n')
+    with pytest.raises(data.DataError, match=r"latin1.jsonl: line 2: bytes that are not UTF-8"):
+        ev.read_predictions(str(tmp_path / "latin1.jsonl"))
+
+
+def test_cli_scores_predictions_without_a_model(tmp_path, capsys):
+    path = _task_file(tmp_path, "ScienceQA", SCIENCEQA)
+    said = ["A\nBecause it is green.", "B", "D\nBecause of ice."]
+    preds = _write_jsonl(tmp_path / "vllm.jsonl", [{"prediction": p} for p in said])
+    out = tmp_path / "results.json"
+    assert ev.main(["--data", path, "--predictions", preds, "--out", str(out)]) == 0
+    saved = json.loads(out.read_text())
+    assert saved["predictions"] == preds
+    assert saved["results"] == [ev.score_predictions(path, said)]
+    assert saved["results"][0]["score"] == pytest.approx(200 / 3)
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert line.split()[-3:] == ["trace_scienceqa", "3", "66.67"]
+    # A JSON list of strings, and the caller's metric.
+    listed = tmp_path / "hf.json"
+    listed.write_text(json.dumps(said))
+    assert ev.main(["--data", path, "--predictions", str(listed), "--metric", "accuracy"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].split()[-3:] == ["accuracy", "3", "0.00"]
+
+
+def test_cli_predictions_errors(tmp_path, capsys):
+    path = _task_file(tmp_path, "ScienceQA", SCIENCEQA)
+    short = _write_jsonl(tmp_path / "short.jsonl", [{"prediction": "A"}])
+    assert ev.main(["--data", path, "--predictions", short]) == 2
+    assert "ScienceQA/test.json: 3 records but 1 predictions" in capsys.readouterr().err
+    (tmp_path / "bad.jsonl").write_text('{"prediction": "A"}\n{"prediction": \n')
+    assert ev.main(["--data", path, "--predictions", str(tmp_path / "bad.jsonl")]) == 2
+    assert "bad.jsonl: line 2: malformed JSON" in capsys.readouterr().err
+    for argv, message in [([path, path, "--predictions", short], "exactly one --data file, got 2"),
+                          ([path, "--predictions", short, "--model", "m"], "not allowed with argument"),
+                          ([path], "one of the arguments --model --predictions is required")]:
+        with pytest.raises(SystemExit) as e:
+            ev.main(["--data", *argv])
+        assert e.value.code == 2 and message in capsys.readouterr().err

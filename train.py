@@ -31,6 +31,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
@@ -223,7 +224,8 @@ def check_together(cfg: dict, path: str):
     if e["batch_size"] < 1 or e["max_new_tokens"] < 1:
         raise ConfigError(f"{path}: eval.batch_size and eval.max_new_tokens must be >= 1, got "
                           f"{e['batch_size']} and {e['max_new_tokens']}")
-    if L - e["max_new_tokens"] < 2:
+    has_evals = bool(e["probes"]) or any(st["eval"] for st in cfg["stages"])
+    if has_evals and L - e["max_new_tokens"] < 2:
         raise ConfigError(f"{path}: eval.max_new_tokens = {e['max_new_tokens']} leaves "
                           f"{L - e['max_new_tokens']} of model.max_seq_len = {L} positions for the "
                           f"prompt (generation needs at least 2: bos and one token)")
@@ -465,6 +467,29 @@ def load_training_checkpoint(ckpt, model, opt, device) -> int:
     return int(os.path.basename(ckpt).split("-")[1])
 
 
+def resume(stage_dir, name, model, opt, device) -> int:
+    """Load the newest checkpoint that loads and return its step (0: none). A damaged one (a
+    truncated shard, as a full disk or a bad copy leaves it) is skipped with a warning naming it;
+    the ranks agree on every attempt, so none continues from a checkpoint another rank refused."""
+    ckpts = checkpoint_dirs(stage_dir)
+    for ckpt in reversed(ckpts):
+        err = None
+        try:
+            step = load_training_checkpoint(ckpt, model, opt, device)
+        except (Exception, CheckpointException) as e:  # noqa: BLE001  DCP's is a BaseException
+            err = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
+        if all_sum(err is not None) == 0:
+            log(f"stage '{name}': loaded checkpoint {ckpt}")
+            return step
+        log(f"warning: stage '{name}': checkpoint {ckpt} does not load "
+            f"({err or 'on another rank'}); trying the one before it")
+    if ckpts:
+        raise ConfigError(f"stage '{name}': none of its {len(ckpts)} checkpoints in "
+                          f"{os.path.join(stage_dir, 'checkpoints')} loads; delete that directory to "
+                          "start the stage over")
+    return 0
+
+
 def export(model, reader, path, fmt, dtype_name, tokenizer_path):
     """Gather full weights to rank 0 (CPU) and write them atomically in Meta or HF format."""
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -657,11 +682,9 @@ def prepare_stage(cfg, idx, stage, init_path, tok, device) -> StageRun:
     trainable = [p for p in model.parameters() if p.requires_grad]
     ref = dpo_reference(model, examples, t, tok, device, stage_dir, name) if kind == "dpo" else None
     torch.manual_seed(seed + 1000 * idx + rank)  # restored below when resuming
-    start = 0
-    ckpts = checkpoint_dirs(stage_dir)
-    if ckpts:
-        start = load_training_checkpoint(ckpts[-1], model, opt, device)
-        log(f"resuming stage '{name}' from {ckpts[-1]} (step {start}/{total})")
+    start = resume(stage_dir, name, model, opt, device)
+    if start:
+        log(f"resuming stage '{name}' from step {start}/{total}")
     if rank == 0:
         trim_metrics(os.path.join(stage_dir, "metrics.jsonl"), start)
     return StageRun(name, kind, idx, t, stage_dir, examples, sampler, total, start, mask, model,
@@ -843,6 +866,7 @@ def run(cfg: dict):
     if rank == 0:
         os.makedirs(out, exist_ok=True)
     check_shared_dir(out)
+    record_config(cfg, out)
     torch.manual_seed(cfg["seed"])
     has_evals = bool(cfg["eval"]["probes"]) or any(s["eval"] for s in cfg["stages"])
 
@@ -899,6 +923,35 @@ def run(cfg: dict):
         print_summary(all_stats)
     dist.barrier()
     return report
+
+
+def record_config(cfg: dict, out: str):
+    """Write the resolved config to <out_dir>/run_config.json. On a rerun, first warn about
+    every key whose value differs from the recorded one: a warning, not an error (lowering
+    micro_batch_size after running out of memory is legitimate), but never silent."""
+    path = os.path.join(out, "run_config.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            old = dict(_flatten(json.load(f)))
+        new = dict(_flatten(json.loads(json.dumps(cfg))))
+        for key in sorted(old.keys() | new.keys()):
+            if old.get(key, "(absent)") != new.get(key, "(absent)"):
+                log(f"warning: {key} = {new.get(key, '(absent)')!r} differs from "
+                    f"{old.get(key, '(absent)')!r} recorded in {path} by an earlier run")
+    if dist.get_rank() == 0:
+        write_json(path, cfg)
+
+
+def _flatten(x, prefix=""):
+    """(dotted key, value) pairs of nested dicts and of lists of dicts (stages.N.key)."""
+    if isinstance(x, dict):
+        for k, v in x.items():
+            yield from _flatten(v, f"{prefix}{k}.")
+    elif isinstance(x, list) and x and all(isinstance(v, dict) for v in x):
+        for i, v in enumerate(x):
+            yield from _flatten(v, f"{prefix}{i}.")
+    else:
+        yield prefix[:-1], x
 
 
 def describe(device) -> str:

@@ -48,3 +48,22 @@ def spm_path(tmp_path_factory):
 def tiny_args():
     from model import ModelArgs
     return ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=320, multiple_of=32, max_seq_len=64)
+
+
+@pytest.fixture
+def one_rank(tmp_path):
+    """A gloo process group of one, in this process (FSDP2 works on it)."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.fixture
+def tiny_ckpt(tmp_path, spm_path):
+    """A tiny Meta-format checkpoint (dim 64, 2 layers, vocab 320, max_seq_len 64)."""
+    from model import ModelArgs, Transformer, save_model
+    m = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=320, multiple_of=32, max_seq_len=64))
+    m.init_weights(seed=0)
+    save_model(m, str(tmp_path / "ckpt"), format="meta", tokenizer=spm_path)
+    return str(tmp_path / "ckpt")

@@ -116,22 +116,6 @@ def test_gather_rows_keeps_buffers_on_a_gpu_under_a_fake_process_group():
         uninstall()
 
 
-@pytest.fixture
-def one_rank(tmp_path):
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
-@pytest.fixture
-def tiny_ckpt(tmp_path, spm_path):
-    from model import ModelArgs, Transformer, save_model
-    m = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=320, multiple_of=32, max_seq_len=64))
-    m.init_weights(seed=0)
-    save_model(m, str(tmp_path / "ckpt"), format="meta", tokenizer=spm_path)
-    return str(tmp_path / "ckpt")
-
-
 TCFG = {"precision": "bf16", "replicate": 1, "replicate_frozen": False, "activation_checkpointing": False,
         "dpo_beta": 0.1, "grad_clip": 1.0, "batch_size": 4}
 

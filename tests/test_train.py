@@ -164,9 +164,16 @@ def test_kill9_then_rerun_equals_uninterrupted(world, hft2):
     assert not (world / "crash" / "trace" / "done.json").exists()
     ck = sorted(os.listdir(world / "crash" / "trace" / "checkpoints"))
     assert ck == ["step-00000002", "step-00000003"], ck  # complete ones only, the last two
+    # The newest is damaged too (one shard truncated, as a full disk leaves it): the rerun falls
+    # back to the one before it, with a warning naming the bad one.
+    newest = world / "crash" / "trace" / "checkpoints" / "step-00000003"
+    shard = sorted(f for f in os.listdir(newest) if f.endswith(".distcp"))[-1]
+    data = (newest / shard).read_bytes()
+    (newest / shard).write_bytes(data[:len(data) // 2])
     p = torchrun(cfg)
     assert "stage 'sft' is done" in p.stdout
-    assert "resuming stage 'trace'" in p.stdout
+    assert f"checkpoint {newest} does not load" in p.stdout, p.stdout[-3000:]
+    assert "resuming stage 'trace' from step 2/" in p.stdout
     a, b = load_weights(hft2 / "trace"), load_weights(world / "crash" / "trace")
     for k in a:
         assert torch.equal(a[k], b[k]), k
@@ -340,3 +347,62 @@ def test_replicate_frozen_matches_sharded_frozen(world, hft2):
         assert d.max() < 2e-5 and d.mean() < 1e-7, (k, d.max().item(), d.mean().item())
         if k not in mask:
             assert torch.equal(base[k], b[k]), k
+
+
+def test_settings_that_only_make_sense_together_fail_in_load_config(world):
+    import train
+    stages = two_stages(world)
+    stages[0]["eval"] = [str(world / "trace_test.json")]
+    cfg = write_cfg(world, "together", stages)
+    with pytest.raises(train.ConfigError, match=r"eval.max_new_tokens = 64 .* model.max_seq_len = 64"):
+        train.load_config(str(cfg))
+    train.load_config(str(cfg), ["--eval.max_new_tokens", "8"])
+    with pytest.raises(train.ConfigError, match=r"train.batch_size = 8 is not a multiple of train.micro_batch_size = 3"):
+        train.load_config(str(cfg), ["--eval.max_new_tokens", "8", "--train.micro_batch_size", "3"])
+    p = subprocess.run([sys.executable, TRAIN, "--config", str(cfg)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)  # the command line: exit 2 before anything is built
+    assert p.returncode == 2 and "eval.max_new_tokens" in p.stderr and not (world / "together").exists()
+
+
+@pytest.mark.parametrize("name", ["..", ".", "a/b", ".hidden", "-x", "x" * 101, "a b"])
+def test_stage_names_are_plain_directory_names(world, name):
+    import train
+    stages = two_stages(world)
+    stages[0]["name"] = name
+    with pytest.raises(train.ConfigError, match=r"stages\[0\].name must be a unique plain name"):
+        train.load_config(str(write_cfg(world, "names", stages)))
+
+
+def test_a_rerun_with_other_settings_warns_about_each_changed_key(world, one_rank, capsys):
+    import train
+    cfg = train.load_config(str(write_cfg(world, "rerun", two_stages(world))))
+    out = world / "rerun_cfg"
+    out.mkdir()
+    train.record_config(cfg, str(out))
+    assert json.load(open(out / "run_config.json")) == json.loads(json.dumps(cfg))
+    capsys.readouterr()
+    changed = train.load_config(str(write_cfg(world, "rerun", two_stages(world))),
+                                ["--train.lr", "2e-3", "--stages.1.micro_batch_size", "1"])
+    train.record_config(changed, str(out))
+    warnings = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("warning:")]
+    assert len(warnings) == 4, warnings  # train.lr, the lr of both stages, one micro_batch_size
+    assert any("stages.1.train_cfg.micro_batch_size = 1 differs from 2" in w for w in warnings)
+    assert json.load(open(out / "run_config.json"))["train"]["lr"] == 2e-3
+
+
+def test_no_loadable_checkpoint_is_an_error_naming_the_stage(one_rank, tiny_ckpt, tmp_path):
+    import train
+    tcfg = dict(train.DEFAULTS["train"], precision="fp32")
+    model, _ = train.build_model(tiny_ckpt, tcfg, None, torch.device("cpu"), 64)
+    model.requires_grad_(True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    stage_dir = str(tmp_path / "stage")
+    for step in (1, 2):
+        train.save_training_checkpoint(stage_dir, step, model, opt, torch.device("cpu"))
+    assert train.resume(stage_dir, "s", model, opt, torch.device("cpu")) == 2
+    for ckpt in train.checkpoint_dirs(stage_dir):
+        for f in os.listdir(ckpt):
+            if f.endswith(".distcp"):
+                open(os.path.join(ckpt, f), "wb").close()
+    with pytest.raises(train.ConfigError, match=r"stage 's': none of its 2 checkpoints .* loads"):
+        train.resume(stage_dir, "s", model, opt, torch.device("cpu"))

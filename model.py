@@ -571,13 +571,14 @@ class CheckpointReader:
             raise CheckpointError(f"{self.path} ({self.format} checkpoint) does not match its {config} "
                                   f"({self.args}):\n  " + "\n  ".join(problems))
 
-    def get(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """One full tensor by Meta name, on the CPU, in `dtype`."""
+    def get(self, name: str, dtype: Optional[torch.dtype] = torch.float32) -> torch.Tensor:
+        """One full tensor by Meta name, on the CPU, in `dtype` (None: as stored)."""
         if self.format == "meta":
             parts = [sd.get(name) for sd in self._shards]
             if any(p is None for p in parts):
                 raise CheckpointError(f"{self.path}: {name} is missing from "
                                       f"{[f.name for f, p in zip(self.files, parts) if p is None]}")
+            dtype = dtype or parts[0].dtype
             d = meta_shard_dim(name)
             if d is None or len(parts) == 1:
                 return parts[0].to(dtype)
@@ -595,7 +596,8 @@ class CheckpointReader:
         key = self._hf_of[name]
         if key not in self._hf:
             raise CheckpointError(f"{self.path}: {name} (HF {key}) is not in {[f.name for f in self.files]}")
-        w = self._hf[key][1].get_tensor(key).to(dtype)
+        w = self._hf[key][1].get_tensor(key)
+        w = w.to(dtype) if dtype is not None else w
         if name.endswith("attention.wq.weight"):
             w = hf_unpermute(w, self.args.n_heads)
         elif name.endswith("attention.wk.weight"):
@@ -820,14 +822,16 @@ def _fsync(path: Path):
 
 
 def save_checkpoint(state: dict, args: ModelArgs, path, format: str = "meta", tokenizer=None,
-                    dtype: Optional[torch.dtype] = None, max_shard_bytes: int = 5 * 2 ** 30):
+                    dtype: Optional[torch.dtype] = None, max_shard_bytes: int = 5 * 2 ** 30,
+                    extra_json: Optional[dict] = None):
     """Write a full state dict (Meta names -> full tensors) as a Meta or HF checkpoint directory.
 
     Atomic: the files are written into a hidden sibling directory which then replaces `path`,
     so an interrupted save leaves the previous checkpoint (if any) as it was. `dtype=None` keeps
     each tensor's dtype (HF: the first tensor's). `tokenizer`: path to the tokenizer.model to ship
     with the weights; an HF export also gets transformers' tokenizer files (_write_hf_tokenizer).
-    HF weights are split into files of at most `max_shard_bytes`.
+    HF weights are split into files of at most `max_shard_bytes`. `extra_json`: file name ->
+    object, JSON files that appear with the weights in the same rename (e.g. a provenance record).
     """
     if format not in ("meta", "hf"):
         raise ValueError(f"format must be 'meta' or 'hf', got {format!r}")
@@ -865,6 +869,9 @@ def save_checkpoint(state: dict, args: ModelArgs, path, format: str = "meta", to
             shutil.copyfile(tok_file, tmp / "tokenizer.model")
             if format == "hf":
                 _write_hf_tokenizer(tok_file, tmp, args)
+        for name, obj in (extra_json or {}).items():
+            with open(tmp / name, "w") as f:
+                json.dump(obj, f, indent=1)
         for file in tmp.iterdir():  # on disk before the rename makes the directory visible
             _fsync(file)
         _replace_dir(tmp, dest)

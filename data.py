@@ -165,7 +165,11 @@ def _encode_prompt_answer(tok: Tokenizer, prompt: str, answer: str):
 
 def read_records(path: str) -> list[tuple[int, dict]]:
     """(line number, record) for .jsonl (blank lines skipped), (list index, record) for a .json
-    file holding a list, [(1, {"text": whole file})] for .txt."""
+    file holding a list, [(1, {"text": whole file})] for .txt.
+
+    JSON Lines are split at "\n" (a "\r" before it is dropped) and each line is strict JSON: a
+    raw control character (U+0000-U+001F) inside a string is an error naming it, as in json.loads,
+    Node and jq; JSON writers escape those."""
     ext = os.path.splitext(path)[1].lower()
     if ext not in (".jsonl", ".json", ".txt"):
         raise DataError(f"{path}: unsupported file type {ext or '(none)'}; expected .jsonl, .json (a list) or .txt")
@@ -188,7 +192,8 @@ def read_records(path: str) -> list[tuple[int, dict]]:
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}: line {e.lineno}: malformed JSON ({e.msg}, column {e.colno})") from None
+            raise DataError(f"{path}: line {e.lineno}: malformed JSON ({_json_error(e)}, "
+                            f"column {e.colno})") from None
         if not isinstance(obj, list):
             raise DataError(f"{path}: a .json data file must hold a list of records, found a {type(obj).__name__}")
         if not obj:
@@ -196,17 +201,29 @@ def read_records(path: str) -> list[tuple[int, dict]]:
         records = list(enumerate(obj))
     else:
         records = []
-        for n, line in enumerate(text.splitlines(), 1):
+        # Records end at "\n" only. str.splitlines() also breaks at U+2028, U+2029 and U+0085,
+        # which JSON allows raw in strings (json.dumps(ensure_ascii=False), jq -c, Node write
+        # them so), and at \x0b \x0c \x1c-\x1e, which would shift the reported line numbers.
+        for n, line in enumerate(text.split("\n"), 1):
+            line = line.removesuffix("\r")  # CRLF files
             if not line.strip():
                 continue
             try:
                 records.append((n, json.loads(line)))
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}: line {n}: malformed JSON ({e.msg}, column {e.colno})") from None
+                raise DataError(f"{path}: line {n}: malformed JSON ({_json_error(e)}, "
+                                f"column {e.colno})") from None
     for n, rec in records:
         if not isinstance(rec, dict):
             raise DataError(f"{_where(path, n)}: a record must be a JSON object, found a {type(rec).__name__}")
     return records
+
+
+def _json_error(e: json.JSONDecodeError) -> str:
+    if e.msg.startswith("Invalid control character") and e.pos < len(e.doc):
+        # JSON requires U+0000-U+001F escaped in strings; name the character, it may be invisible
+        return f"raw control character U+{ord(e.doc[e.pos]):04X} in a string; JSON requires it escaped"
+    return e.msg
 
 
 def _where(path: str, n: int) -> str:

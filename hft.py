@@ -6,7 +6,7 @@ stages learned. The pilot of Hui et al. ("HFT: Half Fine-Tuning for Large Langua
 arXiv 2404.18466): put half of LLaMA-2-Chat-7B's matrices back to their LLaMA-2-7B values, and
 most of the lost world knowledge (NaturalQuestions, TriviaQA, HotpotQA) comes back while most of
 the chat ability stays. So HFT freezes a random half in each stage and draws a new half for the
-next one.
+next one. `python hft.py reset` repeats that pilot on any two checkpoints (reset_half, at the end).
 
 The rule (the paper's default, "category" level), per transformer layer:
     attention     wq wk wv wo              2 of 4 train, chosen at random per layer
@@ -341,3 +341,93 @@ def load_mask(path: str | os.PathLike) -> dict:
         if isinstance(mask[key], bool) or not isinstance(mask[key], int):
             raise ValueError(f"{path}: {key!r} must be an integer, got {mask[key]!r}")
     return mask
+
+
+RESET_GRANULARITIES = ("category", "layer", "model")
+
+
+def _shape_mismatches(a, b) -> list[str]:
+    """'name: A has [shape], B has [shape]' for each tensor two CheckpointReaders disagree on."""
+    def shape(reader, name):
+        return str(list(reader.expected[name])) if name in reader.expected else "no such tensor"
+    return [f"{n}: {a.path} has {shape(a, n)}, {b.path} has {shape(b, n)}"
+            for n in {**a.expected, **b.expected} if a.expected.get(n) != b.expected.get(n)]
+
+
+def reset_half(base, tuned, out, ratio: float = 0.5, seed: int = 0, granularity: str = "category",
+               format: str | None = None) -> dict:
+    """The paper's pilot (its Figure 1): put part of a fine-tuned model back to its base values.
+
+    The layer tensors that select_trainable(granularity, ratio, seed, stage 0) picks come from
+    `base`, the other layer tensors from `tuned`: at ratio 0.5, category level, the half HFT would
+    train in stage 0 with that seed, per layer 2 of 4 attention matrices, 1 or 2 of 3
+    feed-forward, 1 of 2 norms.
+    Everything outside the layers (tok_embeddings, output, the final norm) comes from `tuned`: the
+    pilot resets half of the transformer's matrices, and the category rule, which it motivated,
+    places only layer tensors (HFT always trains the others). Either checkpoint may be Meta or HF,
+    read one tensor at a time; they must have the same shapes. Written atomically to `out` in
+    `format` (default: the tuned checkpoint's), in the tuned checkpoint's dtype, with the tuned
+    tokenizer and reset.json (the reset names and a summary). Returns reset.json's contents.
+    """
+    from tqdm import tqdm
+    from model import CheckpointError, CheckpointReader, Transformer, save_checkpoint
+    if granularity not in RESET_GRANULARITIES:
+        raise ValueError(f"reset: granularity {granularity!r}: expected one of "
+                         f"{', '.join(RESET_GRANULARITIES)}")
+    _check(granularity, ratio)
+    b, t = CheckpointReader(base), CheckpointReader(tuned)
+    t.validate()
+    b.validate()
+    bad = _shape_mismatches(b, t)
+    if bad:
+        raise CheckpointError("reset: base and tuned differ in shape:\n  " + "\n  ".join(bad[:20]))
+    with torch.device("meta"):
+        model = Transformer(t.args)
+    selected = select_trainable(model, granularity, ratio, seed, stage=0)
+    reset = {n for n in selected if _classify(n)[1] is not None}  # layer tensors only
+    names = list(t.expected)
+    # Meta files are memory-mapped: a tensor kept in its dtype is read only when it is written.
+    dtype = t.get(names[0], None).dtype
+    state = {n: (b if n in reset else t).get(n, dtype)
+             for n in tqdm(names, desc="reset", leave=False)}
+    rows = summarize(model, reset)
+    info = {"base": str(base), "tuned": str(tuned), "granularity": granularity,
+            "ratio": float(ratio), "seed": int(seed), "stage": 0, "reset": sorted(reset),
+            "summary": {c: {"reset": r["trainable"], "total": r["total"], "fraction": r["fraction"]}
+                        for c, r in rows.items() if isinstance(r, dict)}}
+    tok = t.path / "tokenizer.model"
+    save_checkpoint(state, t.args, out, format or t.format, tokenizer=tok if tok.exists() else None,
+                    extra_json={"reset.json": info})
+    return info
+
+
+def main(argv=None) -> int:
+    """python hft.py reset --base DIR --tuned DIR --out DIR [--ratio 0.5] [--seed 0]
+    [--granularity category] [--format meta|hf]"""
+    import argparse
+    import sys
+    ap = argparse.ArgumentParser(prog="hft.py", description="Half Fine-Tuning tools.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("reset", help="the paper's pilot: put the selected layer tensors of a "
+                                     "fine-tuned checkpoint back to the base's (reset_half)")
+    r.add_argument("--base", required=True, help="the model before fine-tuning (Meta or HF)")
+    r.add_argument("--tuned", required=True, help="the fine-tuned model (Meta or HF)")
+    r.add_argument("--out", required=True, help="the checkpoint directory to write")
+    r.add_argument("--ratio", type=float, default=0.5, help="share of the layer tensors reset")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--granularity", default="category", choices=RESET_GRANULARITIES)
+    r.add_argument("--format", choices=("meta", "hf"), help="default: the tuned checkpoint's")
+    a = ap.parse_args(argv)
+    try:
+        info = reset_half(a.base, a.tuned, a.out, a.ratio, a.seed, a.granularity, a.format)
+    except (ValueError, OSError) as e:
+        print(f"hft.py reset: {e}", file=sys.stderr)
+        return 2
+    total = info["summary"]["total"]
+    print(f"{a.out}: {len(info['reset'])} tensors ({total['reset']:,} of {total['total']:,} "
+          f"parameters, {100 * total['fraction']:.1f}%) from {a.base}, the rest from {a.tuned}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -12,7 +12,9 @@ import math
 import os
 import pickle
 import shutil
+import struct
 import tempfile
+import warnings
 from dataclasses import dataclass, fields, replace
 from functools import cached_property
 from pathlib import Path
@@ -263,6 +265,7 @@ class Transformer(nn.Module):
 # Checkpoints. Two formats are read and written:
 #   Meta: params.json + consolidated.NN.pth (one file per model-parallel shard) + tokenizer.model
 #   HF:   config.json + *.safetensors (LlamaForCausalLM names, q/k rows permuted) + tokenizer.model
+#         (+ tokenizer.json, tokenizer_config.json, special_tokens_map.json when written)
 # Reading goes through CheckpointReader, one full tensor at a time from memory-mapped files, so a
 # loader (ours, or an FSDP one that keeps only its shard) never holds the checkpoint twice.
 
@@ -568,13 +571,14 @@ class CheckpointReader:
             raise CheckpointError(f"{self.path} ({self.format} checkpoint) does not match its {config} "
                                   f"({self.args}):\n  " + "\n  ".join(problems))
 
-    def get(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """One full tensor by Meta name, on the CPU, in `dtype`."""
+    def get(self, name: str, dtype: Optional[torch.dtype] = torch.float32) -> torch.Tensor:
+        """One full tensor by Meta name, on the CPU, in `dtype` (None: as stored)."""
         if self.format == "meta":
             parts = [sd.get(name) for sd in self._shards]
             if any(p is None for p in parts):
                 raise CheckpointError(f"{self.path}: {name} is missing from "
                                       f"{[f.name for f, p in zip(self.files, parts) if p is None]}")
+            dtype = dtype or parts[0].dtype
             d = meta_shard_dim(name)
             if d is None or len(parts) == 1:
                 return parts[0].to(dtype)
@@ -592,7 +596,8 @@ class CheckpointReader:
         key = self._hf_of[name]
         if key not in self._hf:
             raise CheckpointError(f"{self.path}: {name} (HF {key}) is not in {[f.name for f in self.files]}")
-        w = self._hf[key][1].get_tensor(key).to(dtype)
+        w = self._hf[key][1].get_tensor(key)
+        w = w.to(dtype) if dtype is not None else w
         if name.endswith("attention.wq.weight"):
             w = hf_unpermute(w, self.args.n_heads)
         elif name.endswith("attention.wk.weight"):
@@ -669,11 +674,143 @@ def hf_config(args: ModelArgs, dtype: torch.dtype) -> dict:
     }
 
 
+# tokenizer_class as meta-llama/Llama-2-7b-hf has it: AutoTokenizer then reads tokenizer.json as
+# LlamaTokenizerFast (transformers 4; LlamaTokenizer with use_fast=False), and transformers 5 has
+# one class under both names, so tools that check for a Llama tokenizer find one. legacy=True
+# because the project tokenizes that way (data.Tokenizer: the text after "</s>" gets the "▁"
+# prefix); legacy=False would make the slow and the 5.x tokenizers drop it.
 HF_TOKENIZER_CONFIG = {
     "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
     "unk_token": "<unk>", "pad_token": None, "add_bos_token": True, "add_eos_token": False,
-    "clean_up_tokenization_spaces": False, "legacy": False,
+    "clean_up_tokenization_spaces": False, "legacy": True,
 }
+
+
+# Hugging Face's fast tokenizer. transformers' LlamaConverter turns LLaMA's tokenizer.model into a
+# BPE tokenizer.json; meta-llama/Llama-2-7b-hf ships the result. The model file is a protobuf
+# (sentencepiece_model.proto); the few fields needed are read here, so protobuf is not required.
+SPM_NORMAL, SPM_UNKNOWN, SPM_CONTROL, SPM_BYTE = 1, 2, 3, 6  # SentencePiece.Type
+SPM_BPE = 2  # TrainerSpec.ModelType
+
+
+def _varint(buf: bytes, i: int) -> tuple[int, int]:
+    x = shift = 0
+    while True:
+        b = buf[i]
+        x |= (b & 0x7F) << shift
+        shift, i = shift + 7, i + 1
+        if b < 0x80:
+            return x, i
+
+
+def _proto_fields(buf: bytes) -> list[tuple[int, object]]:
+    """(field number, value) of a serialized protobuf message: int for varints, bytes otherwise."""
+    out, i = [], 0
+    while i < len(buf):
+        key, i = _varint(buf, i)
+        wire = key & 7
+        if wire == 0:
+            value, i = _varint(buf, i)
+        elif wire == 2:
+            n, i = _varint(buf, i)
+            value, i = buf[i:i + n], i + n
+        elif wire in (1, 5):  # fixed 64 / 32 bits
+            n = 8 if wire == 1 else 4
+            value, i = buf[i:i + n], i + n
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+        out.append((key >> 3, value))
+    return out
+
+
+def _read_spm(file: Path) -> tuple[list[tuple[str, float, int]], dict, dict]:
+    """A SentencePiece model's pieces as (piece, score, type), its TrainerSpec and NormalizerSpec
+    (field number -> value; absent fields take the .proto defaults at the call sites)."""
+    pieces, trainer, normalizer = [], {}, {}
+    for field, value in _proto_fields(file.read_bytes()):
+        if field == 1:  # repeated SentencePiece {piece = 1, score = 2, type = 3}
+            p = dict(_proto_fields(value))
+            score = struct.unpack("<f", p[2])[0] if 2 in p else 0.0
+            pieces.append((p.get(1, b"").decode("utf-8"), score, p.get(3, SPM_NORMAL)))
+        elif field == 2:
+            trainer = dict(_proto_fields(value))
+        elif field == 3:
+            normalizer = dict(_proto_fields(value))
+    return pieces, trainer, normalizer
+
+
+def _llama_layout_lacks(pieces, trainer: dict, norm: dict) -> list[str]:
+    """What a SentencePiece model lacks of LLaMA's layout (field numbers and defaults from
+    sentencepiece_model.proto)."""
+    checks = {"a BPE model": trainer.get(3, 1) == SPM_BPE,  # TrainerSpec.model_type
+              "byte fallback": trainer.get(35, 0) == 1,  # TrainerSpec.byte_fallback
+              "the dummy prefix": norm.get(3, 1) == 1,  # NormalizerSpec.add_dummy_prefix
+              "extra whitespace kept": norm.get(4, 1) == 0,  # .remove_extra_whitespaces
+              "whitespace escaped": norm.get(5, 1) == 1,  # .escape_whitespaces
+              "no normalisation rules": not norm.get(2),  # .precompiled_charsmap (identity)
+              "only normal, unknown, control and byte pieces":
+                  all(t in (SPM_NORMAL, SPM_UNKNOWN, SPM_CONTROL, SPM_BYTE) for _, _, t in pieces)}
+    return [what for what, ok in checks.items() if not ok]
+
+
+def _bpe_merges(pieces) -> list[str]:
+    """SentencePiece merges the adjacent pair whose concatenation is the highest-scoring piece
+    (scores, not ids: the two need not agree). As BPE merges by rank:
+    every split of a normal piece into two normal pieces, ranked by that piece's score. Written
+    "left right", as in Llama-2-7b-hf (every tokenizers version reads it; pieces hold no spaces)."""
+    normal = {p: (score, i) for i, (p, score, t) in enumerate(pieces) if t == SPM_NORMAL}
+    ranked = sorted((-score, i, normal[p[:k]][1], normal[p[k:]][1])
+                    for p, (score, i) in normal.items()
+                    for k in range(1, len(p)) if p[:k] in normal and p[k:] in normal)
+    return [f"{pieces[left][0]} {pieces[right][0]}" for _, _, left, right in ranked]
+
+
+def hf_tokenizer_json(tokenizer_model) -> dict:
+    """tokenizer.json for a SentencePiece model in LLaMA's layout, as transformers' LlamaConverter
+    (legacy) writes it for meta-llama/Llama-2-7b-hf: BPE with byte fallback over the pieces and
+    their ids, merges in SentencePiece's priority order, the dummy prefix and space escaping as a
+    Prepend("▁") + Replace(" ", "▁") normalizer (applied to each stretch of text between special
+    tokens, as SentencePiece applies it to a whole text), no pre-tokenizer, <s> prepended by the
+    post-processor. Another layout (unigram, NFKC, whitespace removal, user-defined pieces) would
+    tokenize differently: ValueError.
+    """
+    pieces, trainer, norm = _read_spm(Path(tokenizer_model))
+    lacking = _llama_layout_lacks(pieces, trainer, norm)
+    if lacking:
+        raise ValueError(f"{tokenizer_model}: not in LLaMA's SentencePiece layout (lacks: "
+                         f"{', '.join(lacking)}), which tokenizer.json would reproduce")
+    vocab = {piece: i for i, (piece, _, _) in enumerate(pieces)}
+    bos = pieces[trainer.get(41, 1)][0]  # TrainerSpec.bos_id
+    unk = next(p for p, _, t in pieces if t == SPM_UNKNOWN)
+    special = [{"id": i, "content": p, "single_word": False, "lstrip": False, "rstrip": False,
+                "normalized": False, "special": True}
+               for i, (p, _, t) in enumerate(pieces) if t in (SPM_UNKNOWN, SPM_CONTROL)]
+
+    def seq(name, type_id):
+        return {"Sequence": {"id": name, "type_id": type_id}}
+
+    def bos_token(type_id):
+        return {"SpecialToken": {"id": bos, "type_id": type_id}}
+
+    return {
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": special,
+        "normalizer": {"type": "Sequence", "normalizers": [
+            {"type": "Prepend", "prepend": "▁"},
+            {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]},
+        "pre_tokenizer": None,
+        "post_processor": {"type": "TemplateProcessing", "single": [bos_token(0), seq("A", 0)],
+                           "pair": [bos_token(0), seq("A", 0), bos_token(1), seq("B", 1)],
+                           "special_tokens": {bos: {"id": bos, "ids": [vocab[bos]],
+                                                    "tokens": [bos]}}},
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+            {"type": "ByteFallback"}, {"type": "Fuse"},
+            {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+        "model": {"type": "BPE", "dropout": None, "unk_token": unk, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": True,
+                  "vocab": vocab, "merges": _bpe_merges(pieces)},
+    }
 
 
 def _fsync(path: Path):
@@ -685,13 +822,16 @@ def _fsync(path: Path):
 
 
 def save_checkpoint(state: dict, args: ModelArgs, path, format: str = "meta", tokenizer=None,
-                    dtype: Optional[torch.dtype] = None, max_shard_bytes: int = 5 * 2 ** 30):
+                    dtype: Optional[torch.dtype] = None, max_shard_bytes: int = 5 * 2 ** 30,
+                    extra_json: Optional[dict] = None):
     """Write a full state dict (Meta names -> full tensors) as a Meta or HF checkpoint directory.
 
     Atomic: the files are written into a hidden sibling directory which then replaces `path`,
     so an interrupted save leaves the previous checkpoint (if any) as it was. `dtype=None` keeps
     each tensor's dtype (HF: the first tensor's). `tokenizer`: path to the tokenizer.model to ship
-    with the weights. HF weights are split into files of at most `max_shard_bytes`.
+    with the weights; an HF export also gets transformers' tokenizer files (_write_hf_tokenizer).
+    HF weights are split into files of at most `max_shard_bytes`. `extra_json`: file name ->
+    object, JSON files that appear with the weights in the same rename (e.g. a provenance record).
     """
     if format not in ("meta", "hf"):
         raise ValueError(f"format must be 'meta' or 'hf', got {format!r}")
@@ -728,8 +868,10 @@ def save_checkpoint(state: dict, args: ModelArgs, path, format: str = "meta", to
         if tok_file is not None:
             shutil.copyfile(tok_file, tmp / "tokenizer.model")
             if format == "hf":
-                with open(tmp / "tokenizer_config.json", "w") as f:
-                    json.dump({**HF_TOKENIZER_CONFIG, "model_max_length": args.max_seq_len}, f, indent=2)
+                _write_hf_tokenizer(tok_file, tmp, args)
+        for name, obj in (extra_json or {}).items():
+            with open(tmp / name, "w") as f:
+                json.dump(obj, f, indent=1)
         for file in tmp.iterdir():  # on disk before the rename makes the directory visible
             _fsync(file)
         _replace_dir(tmp, dest)
@@ -769,6 +911,45 @@ def _write_hf(state, names, args, out: Path, dtype, max_shard_bytes):
     if len(files) > 1:
         with open(out / "model.safetensors.index.json", "w") as f:
             json.dump({"metadata": {"total_size": sum(nbytes.values())}, "weight_map": weight_map}, f, indent=2)
+
+
+def _write_hf_tokenizer(tok_file: Path, out: Path, args: ModelArgs):
+    """Beside tokenizer.model: tokenizer_config.json, and tokenizer.json + special_tokens_map.json
+    copied from beside the source tokenizer.model when it has them (an HF checkpoint's own), else
+    written from it (hf_tokenizer_json; skipped with a warning for a model it cannot reproduce)."""
+    with open(out / "tokenizer_config.json", "w") as f:
+        json.dump({**HF_TOKENIZER_CONFIG, "model_max_length": args.max_seq_len}, f, indent=2)
+    src = tok_file.parent
+    if (src / "tokenizer.json").is_file():
+        _check_tokenizer_json(src / "tokenizer.json", args.vocab_size)
+        shutil.copyfile(src / "tokenizer.json", out / "tokenizer.json")
+    else:
+        try:
+            fast = hf_tokenizer_json(tok_file)
+        except ValueError as e:
+            fast = None
+            warnings.warn(f"{e}; the export has no tokenizer.json (transformers converts "
+                          f"tokenizer.model itself when protobuf is installed)")
+        if fast is not None:
+            with open(out / "tokenizer.json", "w", encoding="utf-8") as f:
+                json.dump(fast, f, indent=2, ensure_ascii=False)
+    if (src / "special_tokens_map.json").is_file():
+        shutil.copyfile(src / "special_tokens_map.json", out / "special_tokens_map.json")
+    else:
+        with open(out / "special_tokens_map.json", "w") as f:
+            names = ("bos_token", "eos_token", "unk_token")
+            json.dump({k: HF_TOKENIZER_CONFIG[k] for k in names}, f, indent=2)
+
+
+def _check_tokenizer_json(file: Path, vocab_size: int):
+    """A tokenizer.json to ship must not name ids the embedding lacks (added tokens beyond it)."""
+    tj = _read_json(file)
+    vocab = tj.get("model", {}).get("vocab") or {}
+    ids = list(vocab.values()) if isinstance(vocab, dict) else list(range(len(vocab)))
+    ids += [t["id"] for t in tj.get("added_tokens") or [] if isinstance(t.get("id"), int)]
+    if ids and max(ids) >= vocab_size:
+        raise CheckpointError(f"{file}: has token id {max(ids)}, but the embedding has "
+                              f"{vocab_size} rows: the tokenizer belongs to another model")
 
 
 def _replace_dir(new: Path, dest: Path):

@@ -410,3 +410,27 @@ def test_data_errors(tok, tmp_path, name, content, kind, pattern):
 def test_missing_file(tok, tmp_path):
     with pytest.raises(DataError, match="absent.jsonl"):
         data.load_examples(str(tmp_path / "absent.jsonl"), "sft", tok, 32)
+
+
+@pytest.mark.parametrize("ch", ["\u2028", "\u2029", "\u0085", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e"])
+def test_jsonl_lines_end_at_newline_only(tmp_path, ch):
+    """str.splitlines() breaks at each of these; a JSON Lines record ends at "\\n" alone."""
+    recs = [{"text": f"a{ch}b{ch}"}, {"text": ch}, {"text": "c"}]
+    body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs)
+    p = tmp_path / "x.jsonl"
+    for text in (body, body.replace("\n", "\r\n")):
+        p.write_bytes(text.encode("utf-8"))
+        assert data.read_records(str(p)) == [(1, recs[0]), (2, recs[1]), (3, recs[2])]
+    # The character raw inside a string on line 1, a malformed record on line 4.
+    p.write_bytes(('{"text": "a' + ch + 'b"}\r\n\r\n{"text": "c"}\r\n{"text": }\r\n').encode("utf-8"))
+    if ch in "\u2028\u2029\u0085":  # valid raw in JSON, and json.dumps / jq / Node write them raw
+        assert ch in body
+        with pytest.raises(DataError, match=r"x\.jsonl: line 4: malformed JSON"):
+            data.read_records(str(p))
+        p.write_bytes(('{"text": "a' + ch + 'b"}\n{"text": "c"}\n').encode("utf-8"))
+        assert data.read_records(str(p)) == [(1, {"text": f"a{ch}b"}), (2, {"text": "c"})]
+    else:  # JSON requires control characters escaped (json.dumps does): an error at their line
+        assert ch not in body
+        with pytest.raises(DataError, match=rf"x\.jsonl: line 1: malformed JSON \(raw control "
+                                            rf"character U\+{ord(ch):04X} in a string"):
+            data.read_records(str(p))

@@ -321,3 +321,89 @@ def test_element_mask_shards_match_the_full_mask(tmp_path):
     outs = [p.communicate(timeout=120)[0] for p in procs]
     for rank, (p, out) in enumerate(zip(procs, outs)):
         assert p.returncode == 0 and f"ok {rank}" in out, out[-2000:]
+
+
+# The pilot: hft.py reset
+
+def two_checkpoints(tmp_path, tiny_args, spm_path, base_fmt, tuned_fmt, dtype=None):
+    """A base and a 'tuned' model whose every tensor differs, written in the given formats."""
+    from model import save_model
+    for seed, name, fmt in ((1, "base", base_fmt), (2, "tuned", tuned_fmt)):
+        m = tiny_model(tiny_args, seed)
+        with torch.no_grad():
+            for p in m.parameters():  # norms too: init_weights sets them all to 1
+                p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)))
+        save_model(m, tmp_path / name, fmt, spm_path, dtype)
+    return tmp_path / "base", tmp_path / "tuned"
+
+
+def assert_reset(out, base, tuned, reset):
+    """Every tensor of `out` equals base's bitwise if it is in `reset`, else tuned's."""
+    from model import CheckpointReader
+    o, b, t = CheckpointReader(out), CheckpointReader(base), CheckpointReader(tuned)
+    o.validate()
+    assert o.keys() == t.keys()
+    for name in o.keys():
+        got, want, other = o.get(name, None), (b if name in reset else t).get(name, None), \
+            (t if name in reset else b).get(name, None)
+        assert got.dtype == want.dtype and torch.equal(got, want), name
+        assert not torch.equal(got, other), name
+
+
+@pytest.mark.parametrize("base_fmt,tuned_fmt,out_fmt", [
+    ("meta", "meta", None), ("hf", "meta", "hf"), ("meta", "hf", None), ("hf", "hf", "meta")])
+def test_reset_half_takes_the_selected_layer_tensors_from_base(tmp_path, tiny_args, spm_path,
+                                                               base_fmt, tuned_fmt, out_fmt):
+    dtype = torch.bfloat16 if tuned_fmt == "hf" else None  # kept as stored: bf16 stays bf16
+    base, tuned = two_checkpoints(tmp_path, tiny_args, spm_path, base_fmt, tuned_fmt, dtype)
+    info = hft.reset_half(base, tuned, tmp_path / "out", format=out_fmt)
+    want = {n for n in hft.select_trainable(Transformer(tiny_args), "category", 0.5, 0, 0)
+            if n.startswith("layers.")}
+    assert set(info["reset"]) == want and len(want) == 4 + 3 + 2  # attention, feed-forward, norms
+    assert_reset(tmp_path / "out", base, tuned, want)  # embeddings, output, final norm: tuned's
+    files = set(os.listdir(tmp_path / "out"))
+    assert ("params.json" in files) == ((out_fmt or tuned_fmt) == "meta")
+    assert (tmp_path / "out" / "tokenizer.model").read_bytes() == \
+        (tuned / "tokenizer.model").read_bytes()
+    recorded = json.loads((tmp_path / "out" / "reset.json").read_text())
+    assert recorded == json.loads(json.dumps(info)) and recorded["reset"] == sorted(want)
+    s = recorded["summary"]
+    assert s["attention"]["fraction"] == 0.5 and s["norm"]["fraction"] == 0.5
+    assert s["embeddings"]["reset"] == s["final_norm"]["reset"] == 0
+    assert s["total"]["reset"] == sum(Transformer(tiny_args).get_parameter(n).numel() for n in want)
+
+
+def test_reset_cli(tmp_path, tiny_args, spm_path):
+    """The command as a user types it: layer granularity (one whole layer of two), seed 3, an HF
+    checkpoint out of Meta ones."""
+    import subprocess
+    import sys
+    base, tuned = two_checkpoints(tmp_path, tiny_args, spm_path, "meta", "meta")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, os.path.join(root, "hft.py"), "reset", "--base", str(base),
+                          "--tuned", str(tuned), "--out", str(tmp_path / "out"), "--ratio", "0.5",
+                          "--seed", "3", "--granularity", "layer", "--format", "hf"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    want = {n for n in hft.select_trainable(Transformer(tiny_args), "layer", 0.5, 3, 0)
+            if n.startswith("layers.")}
+    assert len({n.split(".")[1] for n in want}) == 1 and len(want) == 9  # one whole layer of two
+    assert f"{len(want)} tensors" in run.stdout
+    assert_reset(tmp_path / "out", base, tuned, want)
+    assert {"config.json", "tokenizer.json", "reset.json"} <= set(os.listdir(tmp_path / "out"))
+
+
+def test_reset_shape_mismatch_names_the_tensor_and_both_shapes(tmp_path, tiny_args, capsys):
+    import dataclasses
+    from model import save_model
+    save_model(tiny_model(tiny_args), tmp_path / "base")
+    save_model(tiny_model(dataclasses.replace(tiny_args, vocab_size=330)), tmp_path / "tuned", "hf")
+    with pytest.raises(ValueError, match=r"tok_embeddings\.weight: \S*base has \[320, 64\], "
+                                         r"\S*tuned has \[330, 64\]"):
+        hft.reset_half(tmp_path / "base", tmp_path / "tuned", tmp_path / "out")
+    args = ["reset", "--base", str(tmp_path / "base"), "--tuned", str(tmp_path / "tuned"),
+            "--out", str(tmp_path / "out")]
+    assert hft.main(args) == 2
+    assert "output.weight: " in capsys.readouterr().err and not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="granularity 'parameter'"):
+        hft.reset_half(tmp_path / "base", tmp_path / "base", tmp_path / "o", granularity="parameter")

@@ -3,6 +3,7 @@ and loading / saving Meta and HF checkpoints (tiny random models written here, b
 import json
 import math
 import os
+import re
 import shutil
 
 import pytest
@@ -519,6 +520,145 @@ def test_save_checkpoint_from_a_plain_state_dict(tmp_path, tiny_args):
     assert not (tmp_path / "bad").exists()
 
 
+# tokenizer.json (the HF export's fast tokenizer)
+
+TOKENIZER_TEXTS = [
+    "the river city was born", "paris is a city on the river " * 4, " leading space", "trailing ",
+    "two  spaces   three    four", " ", "  ", "\n", "a\nb\n\n\nc", "\t tab\tand\r\nwindows",
+    "0123456789 and 42 + 7 = 49", "café, naïve, 日本語, emoji 🙂 and ▁ itself", "▁x",
+    "<|user|>\nwhere is paris\n<|assistant|>\nparis is a city</s>\n<|user|>\nand london?\n",
+    "answer</s> after the end", "", "ore, more ore",
+    "the assistant's reply: def sort(x): return x[::-1]",
+]
+
+
+def demote_piece(model_file, piece: str, score: float, out_file):
+    """A copy of a SentencePiece model with one piece's score changed in place (its fixed32
+    field keeps its size): scores out of id order, which SentencePiece follows."""
+    import struct
+    raw = bytearray(open(model_file, "rb").read())
+    key = b"\x0a" + bytes([len(piece.encode())]) + piece.encode() + b"\x15"
+    at = raw.index(key) + len(key)
+    raw[at:at + 4] = struct.pack("<f", score)
+    with open(out_file, "wb") as f:
+        f.write(raw)
+    return str(out_file)
+
+
+@pytest.fixture(scope="module")
+def bpe_spm(tmp_path_factory):
+    """512 pieces (about 200 merges) with one merge ("re", third by id) demoted to score -1e9:
+    SentencePiece ranks merges by score, not id, and tokenizer.json must follow ("ore" then
+    splits as "or" "e", not "o" "re")."""
+    d = tmp_path_factory.mktemp("bpe_spm")
+    return demote_piece(make_spm(str(d / "orig"), vocab_size=512), "re", -1e9, d / "tokenizer.model")
+
+
+def export_tokenizer(tmp_path, tokenizer, name="hf"):
+    args = ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=512, multiple_of=32, max_seq_len=64)
+    save_model(random_model(args), tmp_path / name, format="hf", tokenizer=tokenizer)
+    return tmp_path / name
+
+
+def bpe_encode(tj: dict, text: str) -> list[int]:
+    """tokenizer.json applied by hand, as the `tokenizers` library applies this layout: special
+    tokens split out, each stretch between them normalised, merged pair by pair (lowest rank,
+    then leftmost), characters outside the vocabulary as their UTF-8 byte pieces."""
+    vocab, model = tj["model"]["vocab"], tj["model"]
+    assert model["type"] == "BPE" and model["byte_fallback"] and tj["pre_tokenizer"] is None
+    rank = {tuple(m.split(" ") if isinstance(m, str) else m): r for r, m in enumerate(model["merges"])}
+    special = {t["content"]: t["id"] for t in tj["added_tokens"] if t["special"]}
+    ids = [tj["post_processor"]["special_tokens"][x["SpecialToken"]["id"]]["ids"][0]
+           for x in tj["post_processor"]["single"] if "SpecialToken" in x]
+    for chunk in re.split("(" + "|".join(map(re.escape, special)) + ")", text):
+        if chunk in special:
+            ids.append(special[chunk])
+            continue
+        for n in tj["normalizer"]["normalizers"] if chunk else []:
+            if n["type"] == "Prepend":
+                chunk = n["prepend"] + chunk
+            else:
+                assert n["type"] == "Replace", n
+                chunk = chunk.replace(n["pattern"]["String"], n["content"])
+        syms = list(chunk)
+        while len(syms) > 1:
+            r, i = min((rank.get(pair, math.inf), i) for i, pair in enumerate(zip(syms, syms[1:])))
+            if r == math.inf:
+                break
+            syms[i:i + 2] = [syms[i] + syms[i + 1]]
+        for s in syms:
+            ids += [vocab[s]] if s in vocab else [vocab[f"<0x{b:02X}>"] for b in s.encode()]
+    return ids
+
+
+def test_hf_export_tokenizer_json_encodes_as_tokenizer_model(tmp_path, bpe_spm):
+    """Checked in CI without the `tokenizers` package: the file's normalizer, merges, byte
+    fallback, special tokens and <s> reproduce data.Tokenizer (SentencePiece, with "</s>" as
+    the eos id, as HF's LlamaTokenizer reads it) on every text."""
+    import data
+    out = export_tokenizer(tmp_path, bpe_spm)
+    assert {"tokenizer.json", "special_tokens_map.json", "tokenizer_config.json"} <= set(os.listdir(out))
+    tj = json.loads((out / "tokenizer.json").read_text(encoding="utf-8"))
+    tok = data.Tokenizer(bpe_spm)
+    assert tj["model"]["vocab"] == {tok.sp_model.id_to_piece(i): i for i in range(tok.n_words)}
+    assert tj["model"]["merges"][-1] == "r e"  # the demoted piece's merge ranks last
+    for text in TOKENIZER_TEXTS:
+        assert bpe_encode(tj, text) == tok.encode(text, bos=True, eos=False), text
+    assert [t["content"] for t in tj["added_tokens"]] == ["<unk>", "<s>", "</s>"]
+    assert json.loads((out / "special_tokens_map.json").read_text()) == \
+        {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    cfg = json.loads((out / "tokenizer_config.json").read_text())
+    assert cfg["tokenizer_class"] == "LlamaTokenizer" and cfg["legacy"] is True
+
+
+def test_tokenizers_library_reads_our_tokenizer_json(tmp_path, bpe_spm):
+    tokenizers = pytest.importorskip("tokenizers")
+    import data
+    fast = tokenizers.Tokenizer.from_file(str(export_tokenizer(tmp_path, bpe_spm) / "tokenizer.json"))
+    tok = data.Tokenizer(bpe_spm)
+    for text in TOKENIZER_TEXTS:
+        ids = tok.encode(text, bos=True, eos=False)
+        assert fast.encode(text).ids == ids, text
+        assert fast.decode(ids[1:]) == tok.decode(ids[1:]), text
+
+
+def test_hf_export_copies_the_source_tokenizer_json(tmp_path, bpe_spm):
+    """An HF source's own tokenizer.json (here one with an extra, distinctive merge order) and
+    special_tokens_map.json travel with its tokenizer.model, byte for byte."""
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copyfile(bpe_spm, src / "tokenizer.model")
+    from model import hf_tokenizer_json
+    theirs = hf_tokenizer_json(bpe_spm)
+    theirs["model"]["merges"].reverse()
+    (src / "tokenizer.json").write_text(json.dumps(theirs, indent=1), encoding="utf-8")
+    (src / "special_tokens_map.json").write_text('{"bos_token": "<s>", "pad_token": "</s>"}')
+    out = export_tokenizer(tmp_path, src / "tokenizer.model")
+    for name in ("tokenizer.json", "special_tokens_map.json", "tokenizer.model"):
+        assert (out / name).read_bytes() == (src / name).read_bytes(), name
+    theirs["added_tokens"].append({"id": 512, "content": "<pad>", "special": True})
+    (src / "tokenizer.json").write_text(json.dumps(theirs))
+    with pytest.raises(CheckpointError, match=r"src/tokenizer\.json: has token id 512, but the "
+                                              r"embedding has 512 rows"):
+        export_tokenizer(tmp_path, src / "tokenizer.model", name="bad")
+    assert not (tmp_path / "bad").exists()
+
+
+def test_tokenizer_json_skipped_with_a_warning_for_another_layout(tmp_path):
+    """A unigram model (not LLaMA's BPE layout) cannot be written as this tokenizer.json: the
+    export goes without it, saying so, rather than shipping a file that tokenizes differently."""
+    import sentencepiece as spm
+    lines = [f"{w} and {w}s" for w in ("apple", "banana", "river", "city", "paris", "london")] * 50
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(tmp_path / "uni"),
+                                   vocab_size=24, model_type="unigram", minloglevel=2, num_threads=1)
+    args = ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=24, multiple_of=32, max_seq_len=64)
+    with pytest.warns(UserWarning, match=r"uni\.model: not in LLaMA's SentencePiece layout \(lacks: "
+                                         r"a BPE model, byte fallback.*no tokenizer\.json"):
+        save_model(random_model(args), tmp_path / "hf", format="hf", tokenizer=tmp_path / "uni.model")
+    assert {"tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"} <= \
+        set(os.listdir(tmp_path / "hf")) and not (tmp_path / "hf" / "tokenizer.json").exists()
+
+
 # transformers itself (skipped where it is not installed; the project does not depend on it)
 
 def test_transformers_reads_our_export_and_we_read_theirs(tmp_path, spm_path):
@@ -548,6 +688,20 @@ def test_transformers_reads_our_export_and_we_read_theirs(tmp_path, spm_path):
     assert ours.args.ffn_hidden_dim == 176 and ours.args.max_seq_len == 128
     with torch.no_grad():
         assert (theirs(toks).logits - ours(toks)).abs().max() < 1e-4
+
+
+def test_transformers_autotokenizer_reads_the_export_as_tokenizer_model(tmp_path, bpe_spm):
+    """Without protobuf too (it reads tokenizer.json). transformers 5's LlamaTokenizer builds its
+    own "▁" prefix (Metaspace), which skips it where a stretch of text already starts with a
+    space or "▁"; SentencePiece does not. Those texts are left out here, not elsewhere."""
+    transformers = pytest.importorskip("transformers")
+    import data
+    hf = transformers.AutoTokenizer.from_pretrained(export_tokenizer(tmp_path, bpe_spm))
+    tok = data.Tokenizer(bpe_spm)
+    texts = [t for t in TOKENIZER_TEXTS if not re.search("(^|</s>)[ ▁]", t)]
+    assert len(texts) >= 12
+    for text in texts:
+        assert hf(text)["input_ids"] == tok.encode(text, bos=True, eos=False), text
 
 
 def test_bf16_cast_keeps_rotary_table_float32_and_cache_casts(tiny_args):

@@ -593,12 +593,13 @@ def test_two_ranks_cache_byte_identical_and_errors_reach_all(spm_path, tmp_path)
     files = cache_files(tmp_path, n=11)  # odd: the ranks' slices differ in size
     bad = [{"messages": [U1, A1]}] * 6 + [{"messages": [U1, {"role": "bot", "content": "b"}]}, {"id": 7}]
     bad_path = write_jsonl(tmp_path / "bad.jsonl", bad)  # lines 7 and 8 are bad, both in rank 1's slice
+    both = write_jsonl(tmp_path / "bad_both.jsonl", bad[:1] + [{"messages": []}] + bad[2:])  # and line 2, rank 0's
     one = tmp_path / "one"
     jobs = [(p, kind, 48, str(tmp_path / "two")) for p, kind in files.values()]
-    jobs.append((bad_path, "sft", 48, str(tmp_path / "two")))
+    jobs += [(bad_path, "sft", 48, str(tmp_path / "two")), (both, "sft", 48, str(tmp_path / "two"))]
     tk = CountingTok(data.Tokenizer(spm_path))
     single = {}
-    for p, kind, L, _ in jobs[:-1]:
+    for p, kind, L, _ in jobs[:-2]:
         tk.calls = 0
         single[p] = (data.cached_examples(p, kind, tk, L, str(one), log=lambda *a: None), tk.calls)
     ctx = multiprocessing.get_context("spawn")
@@ -614,7 +615,7 @@ def test_two_ranks_cache_byte_identical_and_errors_reach_all(spm_path, tmp_path)
             pytest.fail("a rank hung")
         assert p.exitcode == 0
     r0, r1 = (json.load(open(tmp_path / f"cache-rank{r}.json")) for r in range(2))
-    for (p, kind, L, _), j0, j1 in zip(jobs[:-1], r0, r1):
+    for (p, kind, L, _), j0, j1 in zip(jobs[:-2], r0, r1):
         ex, calls = single[p]
         (built0, reused0), (built1, reused1) = j0["runs"], j1["runs"]
         assert built0["examples"] == built1["examples"] == reused0["examples"] == [as_lists(e) for e in ex]
@@ -629,7 +630,10 @@ def test_two_ranks_cache_byte_identical_and_errors_reach_all(spm_path, tmp_path)
                 open(os.path.join(built0["dir"], name), "rb").read(), name
         assert len(j0["log"]) == 2 and j1["log"] == []  # once, on rank 0
         assert "written to" in j0["log"][0] and "reused from" in j0["log"][1]
+    for j in (r0[-2], r1[-2]):  # every rank raises the first bad record's error, build and retry alike
+        for run in j["runs"]:
+            assert re.fullmatch(r".*bad\.jsonl: line 7: messages\[1\]\.role is 'bot',.*", run["error"])
     for j in (r0[-1], r1[-1]):
         for run in j["runs"]:
-            assert re.fullmatch(r".*bad\.jsonl: line 7: messages\[1\]\.role is 'bot'.*", run["error"])
+            assert re.fullmatch(r".*bad_both\.jsonl: line 2: conversation has no assistant turn.*", run["error"])
     assert not [d for d in os.listdir(tmp_path / "two") if d.startswith("bad")]

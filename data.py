@@ -269,18 +269,20 @@ def _has_target(labels: list[int]) -> bool:
     return any(x != IGNORE_INDEX for x in labels[1:])  # token 0 is never predicted
 
 
-def _record_examples(tok: Tokenizer, fmt: str, rec: dict, where: str, L: int, dropped: Counter) -> list[dict]:
+def _record_examples(tok: Tokenizer, fmt: str, rec: dict, where: str, L: int,
+                     dropped: Counter) -> list[dict]:
     """The examples of one record under the rules load_examples documents: none if it is dropped
     (the reason counted in `dropped`), several for an lm document longer than one window. The one
     copy of those rules, shared by load_examples and cached_examples."""
     try:
         if fmt == "text":
-            doc = tok.encode(_field(rec, "text", where, str, "a string"), bos=False, eos=True, special=False)
+            text = _field(rec, "text", where, str, "a string")
+            doc = tok.encode(text, bos=False, eos=True, special=False)
             if len(doc) == 1:
                 dropped["empty text"] += 1
                 return []
-            return [{"input_ids": [tok.bos_id] + doc[i:i + L - 1], "labels": [IGNORE_INDEX] + doc[i:i + L - 1]}
-                    for i in range(0, len(doc), L - 1)]
+            windows = [doc[i:i + L - 1] for i in range(0, len(doc), L - 1)]
+            return [{"input_ids": [tok.bos_id] + w, "labels": [IGNORE_INDEX] + w} for w in windows]
         if fmt == "pairs":
             ex = {}
             for side in ("chosen", "rejected"):
@@ -289,7 +291,8 @@ def _record_examples(tok: Tokenizer, fmt: str, rec: dict, where: str, L: int, dr
             keep = _has_target(ex["chosen"]["labels"]) and _has_target(ex["rejected"]["labels"])
         else:
             if fmt == "chat":
-                ids, labels = _encode_chat(tok, _field(rec, "messages", where, list, "a list of messages"))
+                messages = _field(rec, "messages", where, list, "a list of messages")
+                ids, labels = _encode_chat(tok, messages)
             else:
                 ids, labels = _encode_prompt_answer(tok, _field(rec, "prompt", where, str, "a string"),
                                                     _field(rec, "answer", where, str, "a string"))
@@ -359,7 +362,7 @@ def _sha256(path: str, what: str) -> tuple[int, str]:
     h, size = hashlib.sha256(), 0
     try:
         with open(path, "rb") as f:
-            while chunk := f.read(1 << 24):
+            while chunk := f.read(1 << 22):
                 h.update(chunk)
                 size += len(chunk)
     except OSError as e:
@@ -392,7 +395,8 @@ def _on_ranks(fn, everyone: bool = True) -> list:
         if err is not None:
             raise err
         return [value]
-    sent = (value, None if err is None else (isinstance(err, DataError), f"{type(err).__name__}: {err}", str(err)))
+    sent = (value, None if err is None else
+            (isinstance(err, DataError), f"{type(err).__name__}: {err}", str(err)))
     results = [None] * world
     dist.all_gather_object(results, sent)
     failed = [(r, e) for r, (_, e) in enumerate(results) if e is not None]
@@ -424,22 +428,23 @@ class Examples:
             with open(os.path.join(directory, "meta.json")) as f:
                 self.meta = json.load(f)
             self._n, self.kind = int(self.meta["examples"]), self.meta["kind"]
-            self._arrays = {side: tuple(self._load(side + name) for name in ("input_ids", "labels", "offsets"))
-                            for side in _sides(self.kind)}
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise DataError(f"{directory}: unreadable tokenized data ({e}); delete the directory to rebuild it") from e
+            self._arrays = {side: self._load(side) for side in _sides(self.kind)}
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+            raise DataError(f"{directory}: unreadable tokenized data ({e}); "
+                            f"delete the directory to rebuild it") from e
         self.fingerprint = {k: self.meta[k] for k in ("path", "size", "sha256")}
         self.n_tokens = sum(len(ids) for ids, _, _ in self._arrays.values())
 
-    def _load(self, name: str) -> np.ndarray:
-        a = np.load(os.path.join(self.directory, name + ".npy"), mmap_mode="r")
-        want = (np.int64, self._n + 1) if name.endswith("offsets") else (np.int32, None)
-        if a.dtype != want[0] or a.ndim != 1 or (want[1] is not None and len(a) != want[1]):
-            raise ValueError(f"{name}.npy is {a.dtype} {a.shape}, expected {np.dtype(want[0])} "
-                             f"({want[1] if want[1] is not None else 'n'},)")
-        if name.endswith("offsets") and (a[0] != 0 or a[-1] != len(self._load(name[:-7] + "input_ids"))):
-            raise ValueError(f"{name}.npy does not span {name[:-7]}input_ids.npy")
-        return a.view(np.ndarray)  # a plain ndarray over the map: slicing it is cheaper
+    def _load(self, side: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        ids, labels, offsets = (np.load(os.path.join(self.directory, f"{side}{name}.npy"), mmap_mode="r")
+                                for name in ("input_ids", "labels", "offsets"))
+        if not (ids.dtype == labels.dtype == np.int32 and offsets.dtype == np.int64
+                and offsets.shape == (self._n + 1,) and offsets[0] == 0
+                and ids.shape == labels.shape == (offsets[-1],)):
+            raise ValueError(f"{side}input_ids {ids.dtype}{ids.shape}, {side}labels {labels.dtype}"
+                             f"{labels.shape} and {side}offsets {offsets.dtype}{offsets.shape} do not "
+                             f"hold meta.json's {self._n} examples")
+        return tuple(a.view(np.ndarray) for a in (ids, labels, offsets))  # slicing is cheaper
 
     def __len__(self) -> int:
         return self._n
@@ -484,7 +489,8 @@ def _tokenize_part(path: str, kind: str, tok: Tokenizer, L: int, tmp: str) -> di
     for side, (ids, labels, lengths) in bufs.items():
         for name, buf, dtype in (("input_ids", ids, np.int32), ("labels", labels, np.int32),
                                  ("lengths", lengths, np.int64)):
-            np.save(os.path.join(tmp, f"part-{rank:05d}.{side}{name}.npy"), np.frombuffer(buf, dtype=dtype))
+            np.save(os.path.join(tmp, f"part-{rank:05d}.{side}{name}.npy"),
+                    np.frombuffer(buf, dtype=dtype))
     return {"format": fmt, "records": n_records, "examples": n_examples, "dropped": dict(dropped)}
 
 
@@ -520,7 +526,7 @@ def _build_cache(path: str, kind: str, tok: Tokenizer, L: int, final: str, meta:
 
     def fresh_tmp():
         shutil.rmtree(tmp, ignore_errors=True)  # a crashed writer's leftovers
-        os.makedirs(tmp)
+        os.makedirs(tmp)  # and cache_dir with it
     _on_ranks(fresh_tmp, everyone=False)
     try:
         parts = _on_ranks(lambda: _tokenize_part(path, kind, tok, L, tmp))
@@ -583,7 +589,6 @@ def cached_examples(path: str, kind: str, tokenizer: Tokenizer, max_seq_len: int
             return False
     reused = _on_ranks(reusable, everyone=False)[0]
     if not reused:
-        _on_ranks(lambda: os.makedirs(cache_dir, exist_ok=True), everyone=False)
         _build_cache(path, kind, tokenizer, max_seq_len, final, meta)
     opened = {}
 

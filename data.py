@@ -9,11 +9,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import operator
 import os
+import shutil
+from array import array
 from collections import Counter
 
+import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from tqdm import tqdm
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
@@ -48,6 +54,7 @@ class Tokenizer:
         self.eos_id: int = self.sp_model.eos_id()
         self.pad_id: int = self.sp_model.pad_id()
         self.eos_piece = self.sp_model.id_to_piece(self.eos_id) if self.eos_id >= 0 else None
+        self.model_path = model_path  # cached_examples keys tokenized data by this file's bytes
 
     def encode(self, s: str, bos: bool, eos: bool, special: bool = True) -> list[int]:
         assert isinstance(s, str), type(s)
@@ -279,6 +286,63 @@ def _has_target(labels: list[int]) -> bool:
     return any(x != IGNORE_INDEX for x in labels[1:])  # token 0 is never predicted
 
 
+def _record_examples(tok: Tokenizer, fmt: str, rec: dict, where: str, L: int,
+                     dropped: Counter) -> list[dict]:
+    """The examples of one record under the rules load_examples documents: none if it is dropped
+    (the reason counted in `dropped`), several for an lm document longer than one window. The one
+    copy of those rules, shared by load_examples and cached_examples."""
+    try:
+        if fmt == "text":
+            text = _field(rec, "text", where, str, "a string")
+            doc = tok.encode(text, bos=False, eos=True, special=False)
+            if len(doc) == 1:
+                dropped["empty text"] += 1
+                return []
+            windows = [doc[i:i + L - 1] for i in range(0, len(doc), L - 1)]
+            return [{"input_ids": [tok.bos_id] + w, "labels": [IGNORE_INDEX] + w} for w in windows]
+        if fmt == "pairs":
+            ex = {}
+            for side in ("chosen", "rejected"):
+                ids, labels = _encode_chat(tok, _pair_messages(rec, side, where), last_only=True)
+                ex[side] = {"input_ids": ids[:L], "labels": labels[:L]}
+            keep = _has_target(ex["chosen"]["labels"]) and _has_target(ex["rejected"]["labels"])
+        else:
+            if fmt == "chat":
+                messages = _field(rec, "messages", where, list, "a list of messages")
+                ids, labels = _encode_chat(tok, messages)
+            else:
+                ids, labels = _encode_prompt_answer(tok, _field(rec, "prompt", where, str, "a string"),
+                                                    _field(rec, "answer", where, str, "a string"))
+            ex = {"input_ids": ids[:L], "labels": labels[:L]}
+            keep = _has_target(ex["labels"])
+    except DataError as e:
+        msg = str(e)
+        raise DataError(msg if msg.startswith(where) else f"{where}: {msg}") from None
+    if not keep:
+        dropped[f"no target tokens left after truncation to {L}"] += 1
+        return []
+    return [ex]
+
+
+def _summary(path: str, fmt: str, n_records: int, n_examples: int, dropped: dict, L: int) -> str:
+    """The line logged per file; a file that gives no example at all is an error."""
+    why = next(iter(dropped)) if len(dropped) == 1 else ", ".join(f"{k}: {v}" for k, v in dropped.items())
+    if not n_examples:
+        raise DataError(f"{path}: no usable example in {n_records} records" + (f" ({why})" if why else ""))
+    n_dropped = f"{sum(dropped.values())} dropped" + (f" ({why})" if why else "")
+    if fmt == "text":
+        return (f"data: {path}: {n_records} documents -> {n_examples} examples "
+                f"(consecutive windows of at most {L} tokens), {n_dropped}")
+    return f"data: {path}: {n_examples} examples, {n_dropped}"
+
+
+def _check_args(kind: str, max_seq_len: int):
+    if kind not in ("lm", "sft", "dpo"):
+        raise ValueError(f"kind must be 'lm', 'sft' or 'dpo', got {kind!r}")
+    if max_seq_len < 2:
+        raise ValueError(f"max_seq_len must be at least 2 (bos and one token), got {max_seq_len}")
+
+
 def load_examples(path: str, kind: str, tokenizer: Tokenizer, max_seq_len: int, log=print) -> list[dict]:
     """Read, validate and tokenize a whole data file for a stage of kind "lm", "sft" or "dpo".
 
@@ -293,75 +357,289 @@ def load_examples(path: str, kind: str, tokenizer: Tokenizer, max_seq_len: int, 
       with bos: no token is lost, loss on every token but bos.
     sft/dpo sequences are right-truncated to max_seq_len; an example left with no target token is
     dropped and counted in the line logged per file.
+
+    The trainer reads its data through cached_examples, which applies these same rules once and
+    memory-maps the result; this in-memory form (lists of ints) is for tests and small tools.
     """
-    if kind not in ("lm", "sft", "dpo"):
-        raise ValueError(f"kind must be 'lm', 'sft' or 'dpo', got {kind!r}")
-    if max_seq_len < 2:
-        raise ValueError(f"max_seq_len must be at least 2 (bos and one token), got {max_seq_len}")
+    _check_args(kind, max_seq_len)
     records = read_records(path)
     fmt = _detect_format(path, kind, *records[0])
-    L = max_seq_len
     examples, dropped = [], Counter()
     for n, rec in records:
-        where = _where(path, n)
+        examples += _record_examples(tokenizer, fmt, rec, _where(path, n), max_seq_len, dropped)
+    log(_summary(path, fmt, len(records), len(examples), dropped, max_seq_len))
+    return examples
+
+
+CACHE_VERSION = 1  # bump when the arrays' layout or the tokenization rules above change
+
+
+def _sha256(path: str, what: str) -> tuple[int, str]:
+    """(size, sha256 hex) of a file, read in chunks."""
+    h, size = hashlib.sha256(), 0
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+                size += len(chunk)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read {what}: {e.strerror or e}") from e
+    return size, h.hexdigest()
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _on_ranks(fn, everyone: bool = True) -> list:
+    """Run fn on every rank (or on rank 0 only) and return each rank's result, on every rank.
+
+    An exception on any rank is raised on every rank, so none is left waiting in a collective: the
+    lowest failing rank's DataError as a DataError (ranks hold contiguous slices of the file, so
+    that is the first bad record), anything else as itself there and a RuntimeError elsewhere.
+    Object collectives move their tensors to the rank's device themselves (NCCL needs that).
+    """
+    rank, world = _rank_world()
+    value, err = None, None
+    if everyone or rank == 0:
         try:
-            if fmt == "text":
-                doc = tokenizer.encode(_field(rec, "text", where, str, "a string"), bos=False, eos=True, special=False)
-                if len(doc) == 1:
-                    dropped["empty text"] += 1
-                    continue
-                for i in range(0, len(doc), L - 1):
-                    ids = [tokenizer.bos_id] + doc[i:i + L - 1]
-                    examples.append({"input_ids": ids, "labels": [IGNORE_INDEX] + ids[1:]})
-                continue
-            if fmt == "pairs":
-                ex = {}
-                for side in ("chosen", "rejected"):
-                    ids, labels = _encode_chat(tokenizer, _pair_messages(rec, side, where), last_only=True)
-                    ex[side] = {"input_ids": ids[:L], "labels": labels[:L]}
-                if not (_has_target(ex["chosen"]["labels"]) and _has_target(ex["rejected"]["labels"])):
-                    dropped[f"no target tokens left after truncation to {L}"] += 1
-                    continue
-                examples.append(ex)
-                continue
-            if fmt == "chat":
-                ids, labels = _encode_chat(tokenizer, _field(rec, "messages", where, list, "a list of messages"))
-            else:
-                ids, labels = _encode_prompt_answer(tokenizer, _field(rec, "prompt", where, str, "a string"),
-                                                    _field(rec, "answer", where, str, "a string"))
+            value = fn()
+        except Exception as e:
+            err = e
+    if world == 1:
+        if err is not None:
+            raise err
+        return [value]
+    sent = (value, None if err is None else
+            (isinstance(err, DataError), f"{type(err).__name__}: {err}", str(err)))
+    results = [None] * world
+    dist.all_gather_object(results, sent)
+    failed = [(r, e) for r, (_, e) in enumerate(results) if e is not None]
+    if failed:
+        r, (is_data, described, msg) = failed[0]
+        if is_data:
+            raise DataError(msg) from (err if r == rank else None)
+        if err is not None:
+            raise err
+        raise RuntimeError(f"tokenized data: rank {r} failed: {described}")
+    return [v for v, _ in results]
+
+
+def _sides(kind: str) -> tuple[str, ...]:
+    """Array name prefixes: one set of arrays per sequence of an example."""
+    return ("chosen_", "rejected_") if kind == "dpo" else ("",)
+
+
+class Examples:
+    """The tokenized examples of one data file, memory-mapped from a cache directory written by
+    cached_examples: examples[i] is load_examples' dict, its sequences int32 numpy views into the
+    maps (read-only; data.collate takes them as it takes lists), so no rank holds the set in its
+    heap. `.fingerprint` ({"path", "size", "sha256"}) names the training file the arrays came from;
+    `.n_tokens` counts every sequence's tokens (both sides of a dpo pair)."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        try:
+            with open(os.path.join(directory, "meta.json")) as f:
+                self.meta = json.load(f)
+            self._n, self.kind = int(self.meta["examples"]), self.meta["kind"]
+            self._arrays = {side: self._load(side) for side in _sides(self.kind)}
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+            raise DataError(f"{directory}: unreadable tokenized data ({e}); "
+                            f"delete the directory to rebuild it") from e
+        self.fingerprint = {k: self.meta[k] for k in ("path", "size", "sha256")}
+        self.n_tokens = sum(len(ids) for ids, _, _ in self._arrays.values())
+
+    def _load(self, side: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        ids, labels, offsets = (np.load(os.path.join(self.directory, f"{side}{name}.npy"), mmap_mode="r")
+                                for name in ("input_ids", "labels", "offsets"))
+        if not (ids.dtype == labels.dtype == np.int32 and offsets.dtype == np.int64
+                and offsets.shape == (self._n + 1,) and offsets[0] == 0
+                and ids.shape == labels.shape == (offsets[-1],)):
+            raise ValueError(f"{side}input_ids {ids.dtype}{ids.shape}, {side}labels {labels.dtype}"
+                             f"{labels.shape} and {side}offsets {offsets.dtype}{offsets.shape} do not "
+                             f"hold meta.json's {self._n} examples")
+        return tuple(a.view(np.ndarray) for a in (ids, labels, offsets))  # slicing is cheaper
+
+    def __len__(self) -> int:
+        return self._n
+
+    def _seq(self, side: str, i: int) -> dict:
+        ids, labels, offsets = self._arrays[side]
+        a, b = offsets[i], offsets[i + 1]
+        return {"input_ids": ids[a:b], "labels": labels[a:b]}
+
+    def __getitem__(self, i: int) -> dict:
+        i = operator.index(i)
+        if not -self._n <= i < self._n:
+            raise IndexError(f"example {i} of {self._n}")
+        i %= self._n
+        if self.kind == "dpo":
+            return {"chosen": self._seq("chosen_", i), "rejected": self._seq("rejected_", i)}
+        return self._seq("", i)
+
+    def __iter__(self):
+        return (self[i] for i in range(self._n))
+
+
+def _tokenize_part(path: str, kind: str, tok: Tokenizer, L: int, tmp: str) -> dict:
+    """Tokenize this rank's contiguous slice of the records into part-<rank> arrays under tmp."""
+    rank, world = _rank_world()
+    records = read_records(path)
+    fmt = _detect_format(path, kind, *records[0])
+    n_records = len(records)
+    mine = records[rank * n_records // world:(rank + 1) * n_records // world]
+    del records  # the other ranks' records
+    # array("i") holds 4 bytes per token where a list of ints holds 36
+    bufs = {side: (array("i"), array("i"), array("q")) for side in _sides(kind)}
+    dropped, n_examples = Counter(), 0
+    for n, rec in tqdm(mine, desc=f"tokenize {os.path.basename(path)}", disable=rank != 0, leave=False):
+        for ex in _record_examples(tok, fmt, rec, _where(path, n), L, dropped):
+            n_examples += 1
+            for side, (ids, labels, lengths) in bufs.items():
+                seq = ex[side[:-1]] if side else ex
+                ids.extend(seq["input_ids"])
+                labels.extend(seq["labels"])
+                lengths.append(len(seq["input_ids"]))
+    for side, (ids, labels, lengths) in bufs.items():
+        for name, buf, dtype in (("input_ids", ids, np.int32), ("labels", labels, np.int32),
+                                 ("lengths", lengths, np.int64)):
+            np.save(os.path.join(tmp, f"part-{rank:05d}.{side}{name}.npy"),
+                    np.frombuffer(buf, dtype=dtype))
+    return {"format": fmt, "records": n_records, "examples": n_examples, "dropped": dict(dropped)}
+
+
+def _merge_parts(tmp: str, kind: str, world: int):
+    """Concatenate the ranks' parts in rank order, which is record order, into the final arrays."""
+    part = lambda r, name: os.path.join(tmp, f"part-{r:05d}.{name}.npy")
+    for side in _sides(kind):
+        lengths = np.concatenate([np.load(part(r, side + "lengths")) for r in range(world)])
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        np.save(os.path.join(tmp, side + "offsets.npy"), offsets)
+        for name in ("input_ids", "labels"):
+            out = np.lib.format.open_memmap(os.path.join(tmp, f"{side}{name}.npy"), mode="w+",
+                                            dtype=np.int32, shape=(int(offsets[-1]),))
+            pos = 0
+            for r in range(world):
+                p = np.load(part(r, side + name), mmap_mode="r")
+                out[pos:pos + len(p)] = p
+                pos += len(p)
+            out.flush()
+            del out
+    for f in os.listdir(tmp):
+        if f.startswith("part-"):
+            os.remove(os.path.join(tmp, f))
+
+
+def _build_cache(path: str, kind: str, tok: Tokenizer, L: int, final: str, meta: dict) -> None:
+    """Tokenize on every rank, each a slice, and let rank 0 merge and publish `final` atomically:
+    the arrays are written in a temporary directory renamed into place once complete, so a crash
+    leaves no directory that a later start would read."""
+    rank, world = _rank_world()
+    tmp = final + ".tmp"
+
+    def fresh_tmp():
+        shutil.rmtree(tmp, ignore_errors=True)  # a crashed writer's leftovers
+        os.makedirs(tmp)  # and cache_dir with it
+    _on_ranks(fresh_tmp, everyone=False)
+    try:
+        parts = _on_ranks(lambda: _tokenize_part(path, kind, tok, L, tmp))
+        dropped = Counter()
+        for p in parts:
+            dropped.update(p["dropped"])
+        meta.update(format=parts[0]["format"], records=parts[0]["records"],
+                    examples=sum(p["examples"] for p in parts), dropped=dict(dropped))
+        _summary(path, meta["format"], meta["records"], meta["examples"], dropped, L)  # raises if none
+
+        def publish():
+            _merge_parts(tmp, kind, world)
+            with open(os.path.join(tmp, "meta.json"), "w") as f:
+                json.dump(meta, f, indent=2)
+            shutil.rmtree(final, ignore_errors=True)  # only ever an unreadable one: see cached_examples
+            os.rename(tmp, final)
+        _on_ranks(publish, everyone=False)
+    except BaseException:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def cached_examples(path: str, kind: str, tokenizer: Tokenizer, max_seq_len: int, cache_dir: str,
+                    log=print) -> Examples:
+    """load_examples' examples, tokenized once per (file content, tokenizer, kind, max_seq_len)
+    and memory-mapped on every later start.
+
+    The arrays live in `<cache_dir>/<file stem>-<kind>-<max_seq_len>-<key>/`, the key hashing the
+    data file's sha256, the tokenizer.model's sha256, kind, max_seq_len and CACHE_VERSION:
+    `input_ids.npy` and `labels.npy` (flat int32, IGNORE_INDEX where no loss), `offsets.npy`
+    (int64, examples + 1; example i is [offsets[i], offsets[i+1])), for dpo `chosen_*` and
+    `rejected_*` sets, and `meta.json` (file path, size and sha256, tokenizer, counts, dropped
+    counts). Under torch.distributed, rank 0 hashes the file once; on a miss each rank tokenizes a
+    contiguous slice of the records and rank 0 merges the parts in record order, so the arrays are
+    byte-identical to one process's. Any rank's DataError is raised on every rank with the file and
+    line of the first bad record, and nothing is published. Every node must see cache_dir.
+    """
+    _check_args(kind, max_seq_len)
+    rank, world = _rank_world()
+
+    def fingerprint():
+        size, sha = _sha256(path, "data file")
+        return {"path": path, "size": size, "sha256": sha, "tokenizer": tokenizer.model_path,
+                "tokenizer_sha256": _sha256(tokenizer.model_path, "tokenizer model")[1]}
+    meta = _on_ranks(fingerprint, everyone=False)[0]
+    meta.update(version=CACHE_VERSION, kind=kind, max_seq_len=max_seq_len)
+    key = {k: meta[k] for k in ("version", "sha256", "tokenizer_sha256", "kind", "max_seq_len")}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    stem = os.path.splitext(os.path.basename(path))[0]
+    final = os.path.join(cache_dir, f"{stem}-{kind}-{max_seq_len}-{digest}")
+
+    def reusable():
+        if not os.path.isdir(final):
+            return False
+        try:
+            return all(Examples(final).meta.get(k) == v for k, v in key.items())
+        except DataError as e:  # a directory someone damaged; ours are only ever complete
+            log(f"data: {e}: tokenizing again")
+            return False
+    reused = _on_ranks(reusable, everyone=False)[0]
+    if not reused:
+        _build_cache(path, kind, tokenizer, max_seq_len, final, meta)
+    opened = {}
+
+    def open_cache():
+        try:
+            opened["examples"] = Examples(final)
         except DataError as e:
-            msg = str(e)
-            raise DataError(msg if msg.startswith(where) else f"{where}: {msg}") from None
-        ids, labels = ids[:L], labels[:L]
-        if not _has_target(labels):
-            dropped[f"no target tokens left after truncation to {L}"] += 1
-            continue
-        examples.append({"input_ids": ids, "labels": labels})
-    why = next(iter(dropped)) if len(dropped) == 1 else ", ".join(f"{k}: {v}" for k, v in dropped.items())
-    if not examples:
-        raise DataError(f"{path}: no usable example in {len(records)} records" + (f" ({why})" if why else ""))
-    n_dropped = f"{sum(dropped.values())} dropped" + (f" ({why})" if why else "")
-    if fmt == "text":
-        log(f"data: {path}: {len(records)} documents -> {len(examples)} examples "
-            f"(consecutive windows of at most {L} tokens), {n_dropped}")
-    else:
-        log(f"data: {path}: {len(examples)} examples, {n_dropped}")
+            raise DataError(f"rank {rank}: {e} (every rank must see {cache_dir}: on several nodes, "
+                            f"a filesystem they share)") from None
+    _on_ranks(open_cache)
+    examples = opened["examples"]
+    examples.fingerprint = {k: meta[k] for k in ("path", "size", "sha256")}  # this file, as named now
+    m = examples.meta
+    line = _summary(path, m["format"], m["records"], m["examples"], m["dropped"], max_seq_len)
+    if rank == 0:
+        log(f"{line}; tokenized data {'reused from' if reused else 'written to'} {final}")
     return examples
 
 
 def _pad(seqs: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    # Filled in numpy, which copies lists and (read-only, memory-mapped) int32 arrays alike.
     T = max(len(s["input_ids"]) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    labels = torch.full((len(seqs), T), IGNORE_INDEX, dtype=torch.long)
+    ids = np.full((len(seqs), T), pad_id, dtype=np.int64)
+    labels = np.full((len(seqs), T), IGNORE_INDEX, dtype=np.int64)
     for i, s in enumerate(seqs):
-        ids[i, :len(s["input_ids"])] = torch.tensor(s["input_ids"], dtype=torch.long)
-        labels[i, :len(s["labels"])] = torch.tensor(s["labels"], dtype=torch.long)
-    return {"input_ids": ids, "labels": labels}
+        ids[i, :len(s["input_ids"])] = s["input_ids"]
+        labels[i, :len(s["labels"])] = s["labels"]
+    return {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels)}
 
 
 def collate(examples: list[dict], pad_id: int = 0) -> dict[str, torch.Tensor]:
     """Right-pad to the longest sequence; labels are IGNORE_INDEX on padding. Right padding needs
-    no attention mask: under causal attention no real token sees the padding after it.
+    no attention mask: under causal attention no real token sees the padding after it. Sequences
+    are lists of ints (load_examples) or int numpy arrays (cached_examples); the batch is int64.
 
     dpo examples give chosen_/rejected_ input_ids and labels, padded to one common length so one
     forward can take torch.cat([chosen, rejected]).

@@ -664,8 +664,9 @@ def prepare_stage(cfg, idx, stage, init_path, tok, device) -> StageRun:
     stage_dir = os.path.join(cfg["out_dir"], name)
     rank, world, seed = dist.get_rank(), dist.get_world_size(), cfg["seed"]
     # All of the stage's data is read and validated before anything is built or written.
-    examples = data.load_examples(stage["train"], kind, tok, cfg["model"]["max_seq_len"],
-                                  log=log if rank == 0 else (lambda *a, **k: None))
+    examples = data.cached_examples(stage["train"], kind, tok, cfg["model"]["max_seq_len"],
+                                    os.path.join(cfg["out_dir"], "tokenized"),
+                                    log=log if rank == 0 else (lambda *a, **k: None))
     sampler = data.StepSampler(len(examples), t["batch_size"], t["micro_batch_size"], world, rank,
                                seed, idx, t["epochs"])
     total = sampler.total_steps if not t["max_steps"] else min(t["max_steps"], sampler.total_steps)

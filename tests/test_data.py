@@ -1,11 +1,17 @@
 """data.py: templates, label masks, readers, truncation, the step sampler, loss normalisation, DPO,
 and every data error. Fixture files are written here in each format."""
 import dataclasses
+import hashlib
 import json
 import math
+import mmap
+import multiprocessing
+import os
 import random
 import re
+import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -434,3 +440,224 @@ def test_jsonl_lines_end_at_newline_only(tmp_path, ch):
         with pytest.raises(DataError, match=rf"x\.jsonl: line 1: malformed JSON \(raw control "
                                             rf"character U\+{ord(ch):04X} in a string"):
             data.read_records(str(p))
+
+
+# ---------------------------------------------------------------------------------------------
+# The tokenized-data cache
+
+
+class CountingTok:
+    """The tokenizer, counting encode calls: proof that a reused cache tokenizes nothing."""
+
+    def __init__(self, tok):
+        self.tok, self.calls = tok, 0
+        self.model_path, self.bos_id, self.eos_id, self.eos_piece = tok.model_path, tok.bos_id, tok.eos_id, tok.eos_piece
+
+    def encode(self, *a, **k):
+        self.calls += 1
+        return self.tok.encode(*a, **k)
+
+
+def _words(rng, lo=1, hi=12):
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
+
+
+def cache_files(tmp_path, n=9, seed=0):
+    """One file per format the cache stores, with dropped examples and multi-window documents."""
+    rng = random.Random(seed)
+    chats = []
+    for i in range(n):
+        msgs = [{"role": "system", "content": _words(rng)}] if i % 3 == 0 else []
+        for _ in range(rng.randint(1, 3)):
+            msgs += [{"role": "user", "content": _words(rng, 1, 60 if i == 4 else 12)},
+                     {"role": "assistant", "content": _words(rng)}]
+        chats.append({"id": str(i), "messages": msgs})
+    pairs = [{"prompt": _words(rng, 1, 80 if i == 2 else 9), "chosen": _words(rng), "rejected": _words(rng)}
+             for i in range(n)]
+    pairs[1] = {"prompt": "x", "chosen": [U1, A1], "rejected": [SYS, U1, A2]}
+    trace = tmp_path / "trace.json"
+    trace.write_text(json.dumps([{"prompt": _words(rng, 1, 40), "answer": _words(rng)} for _ in range(n)]))
+    return {"chat": (write_jsonl(tmp_path / "tulu.jsonl", chats), "sft"), "trace": (str(trace), "sft"),
+            "pairs": (write_jsonl(tmp_path / "uf.jsonl", pairs), "dpo"),
+            "text": (write_jsonl(tmp_path / "docs.jsonl", [{"text": _words(rng, 1, 90)} for _ in range(n)]
+                                 + [{"text": ""}]), "lm")}
+
+
+def as_lists(ex):
+    return {k: as_lists(v) if isinstance(v, dict) else [int(x) for x in v] for k, v in ex.items()}
+
+
+def mapped(a) -> bool:
+    while a is not None:
+        if isinstance(a, (np.memmap, mmap.mmap)):
+            return True
+        a = getattr(a, "base", None)
+    return False
+
+
+@pytest.mark.parametrize("fmt", ["chat", "trace", "pairs", "text"])
+def test_cached_examples_equal_load_examples(tok, tmp_path, fmt):
+    path, kind = cache_files(tmp_path)[fmt]
+    L = 48  # some sft/dpo records are cut or dropped, some lm documents span windows
+    want_log, got_log = [], []
+    want = data.load_examples(path, kind, tok, L, log=want_log.append)
+    got = data.cached_examples(path, kind, tok, L, str(tmp_path / "cache"), log=got_log.append)
+    assert len(got) == len(want) and [as_lists(e) for e in got] == want
+    (d,) = os.listdir(tmp_path / "cache")
+    assert got_log == [f"{want_log[0]}; tokenized data written to {tmp_path / 'cache' / d}"]
+    assert "dropped (" in want_log[0] or fmt == "trace"
+    seqs = [s for e in got for s in ((e["chosen"], e["rejected"]) if kind == "dpo" else (e,))]
+    assert all(s[k].dtype == np.int32 and mapped(s[k]) for s in seqs for k in ("input_ids", "labels"))
+    assert got.n_tokens == sum(len(s["input_ids"]) for s in seqs)
+    raw = open(path, "rb").read()
+    assert got.fingerprint == {"path": path, "size": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+    assert tok.model_path and got.meta["tokenizer"] == tok.model_path
+    assert as_lists(got[-1]) == want[-1]
+    with pytest.raises(IndexError):
+        got[len(got)]
+    for a, b in zip(data.collate(want[:3]).values(), data.collate([got[i] for i in range(3)]).values()):
+        assert torch.equal(a, b) and b.dtype == torch.long
+
+
+def test_cache_reused_without_tokenizing(tok, tmp_path):
+    path, _ = cache_files(tmp_path)["chat"]
+    cache, counting, logged = str(tmp_path / "cache"), CountingTok(tok), []
+    first = data.cached_examples(path, "sft", counting, 64, cache, log=logged.append)
+    assert counting.calls > 0
+    counting.calls = 0
+    again = data.cached_examples(path, "sft", counting, 64, cache, log=logged.append)
+    assert counting.calls == 0 and again.directory == first.directory
+    assert logged[1] == logged[0].replace("written to", "reused from") and first.directory in logged[1]
+    assert [as_lists(e) for e in again] == [as_lists(e) for e in first]
+
+
+def test_cache_key_file_tokenizer_and_length(tok, spm_path, tmp_path):
+    path, _ = cache_files(tmp_path)["chat"]
+    cache = tmp_path / "cache"
+    counting = CountingTok(tok)
+
+    def build(tk=counting, L=64):
+        counting.calls = 0
+        ex = data.cached_examples(path, "sft", tk, L, str(cache), log=lambda *a: None)
+        return ex, counting.calls
+    base, calls = build()
+    assert calls > 0 and build()[1] == 0
+    shorter, calls = build(L=32)
+    assert calls > 0 and shorter.directory != base.directory
+    other = data.Tokenizer(spm_path)  # another tokenizer.model
+    by_other, _ = build(tk=other)
+    assert by_other.directory not in (base.directory, shorter.directory)
+    assert [as_lists(e) for e in by_other] == data.load_examples(path, "sft", other, 64, log=lambda *a: None)
+    with open(path, "a") as f:  # the same path, other content
+        f.write(json.dumps({"messages": [U1, A1]}) + "\n")
+    changed, calls = build()
+    assert calls > 0 and changed.directory != base.directory and len(changed) == len(base) + 1
+    assert changed.fingerprint["sha256"] != base.fingerprint["sha256"]
+    assert len(os.listdir(cache)) == 4
+    with pytest.raises(DataError, match="absent.jsonl: cannot read data file"):
+        data.cached_examples(str(tmp_path / "absent.jsonl"), "sft", tok, 64, str(cache))
+
+
+def test_cache_stale_temp_and_crashed_writer(tok, tmp_path, monkeypatch):
+    path, _ = cache_files(tmp_path)["pairs"]
+    cache, logged = str(tmp_path / "cache"), []
+    want = data.load_examples(path, "dpo", tok, 64, log=lambda *a: None)
+    final = data.cached_examples(path, "dpo", tok, 64, cache, log=lambda *a: None).directory
+    shutil.rmtree(final)
+    # A writer killed half way left its temporary directory: ignored, replaced, never read.
+    os.makedirs(final + ".tmp")
+    np.save(os.path.join(final + ".tmp", "chosen_input_ids.npy"), np.zeros(3, np.int32))
+    with open(os.path.join(final + ".tmp", "meta.json"), "w") as f:
+        f.write('{"examples": 1')
+    assert [as_lists(e) for e in data.cached_examples(path, "dpo", tok, 64, cache, log=logged.append)] == want
+    assert os.listdir(cache) == [os.path.basename(final)] and "written to" in logged[-1]
+    # A final directory someone damaged is rebuilt, with a line saying so.
+    os.remove(os.path.join(final, "rejected_labels.npy"))
+    assert [as_lists(e) for e in data.cached_examples(path, "dpo", tok, 64, cache, log=logged.append)] == want
+    assert "rejected_labels.npy" in logged[-2] and "tokenizing again" in logged[-2]
+    # A writer that fails while merging publishes nothing and leaves no temporary directory.
+    shutil.rmtree(final)
+
+    def crash(tmp, kind, world):
+        np.save(os.path.join(tmp, "chosen_input_ids.npy"), np.zeros(3, np.int32))
+        raise OSError("disk full")
+    monkeypatch.setattr(data, "_merge_parts", crash)
+    with pytest.raises(OSError, match="disk full"):
+        data.cached_examples(path, "dpo", tok, 64, cache, log=lambda *a: None)
+    assert os.listdir(cache) == []
+
+
+def _cache_worker(rank, world, init_file, out_dir, spm_path, jobs):
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        tok = CountingTok(data.Tokenizer(spm_path))
+        result = []
+        for path, kind, L, cache in jobs:
+            logged, runs = [], []
+            for _ in range(2):  # build, then reuse
+                tok.calls = 0
+                try:
+                    ex = data.cached_examples(path, kind, tok, L, cache, log=logged.append)
+                    runs.append({"calls": tok.calls, "examples": [as_lists(e) for e in ex], "dir": ex.directory})
+                except DataError as e:
+                    runs.append({"error": str(e)})
+            result.append({"runs": runs, "log": logged})
+        with open(os.path.join(out_dir, f"cache-rank{rank}.json"), "w") as f:
+            json.dump(result, f)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    import train
+    train.hard_exit(0)  # skip finalization: see train.hard_exit
+
+
+def test_two_ranks_cache_byte_identical_and_errors_reach_all(spm_path, tmp_path):
+    files = cache_files(tmp_path, n=11)  # odd: the ranks' slices differ in size
+    bad = [{"messages": [U1, A1]}] * 6 + [{"messages": [U1, {"role": "bot", "content": "b"}]}, {"id": 7}]
+    bad_path = write_jsonl(tmp_path / "bad.jsonl", bad)  # lines 7 and 8 are bad, both in rank 1's slice
+    both = write_jsonl(tmp_path / "bad_both.jsonl", bad[:1] + [{"messages": []}] + bad[2:])  # and line 2, rank 0's
+    one = tmp_path / "one"
+    jobs = [(p, kind, 48, str(tmp_path / "two")) for p, kind in files.values()]
+    jobs += [(bad_path, "sft", 48, str(tmp_path / "two")), (both, "sft", 48, str(tmp_path / "two"))]
+    tk = CountingTok(data.Tokenizer(spm_path))
+    single = {}
+    for p, kind, L, _ in jobs[:-2]:
+        tk.calls = 0
+        single[p] = (data.cached_examples(p, kind, tk, L, str(one), log=lambda *a: None), tk.calls)
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_cache_worker, args=(r, 2, str(tmp_path / "init"), str(tmp_path), spm_path, jobs))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    for p in procs:
+        if p.is_alive():  # a rank left waiting in a collective
+            p.kill()
+            pytest.fail("a rank hung")
+        assert p.exitcode == 0
+    r0, r1 = (json.load(open(tmp_path / f"cache-rank{r}.json")) for r in range(2))
+    for (p, kind, L, _), j0, j1 in zip(jobs[:-2], r0, r1):
+        ex, calls = single[p]
+        (built0, reused0), (built1, reused1) = j0["runs"], j1["runs"]
+        assert built0["examples"] == built1["examples"] == reused0["examples"] == [as_lists(e) for e in ex]
+        # Each rank tokenized its own slice: together exactly what one process did; reuse tokenizes nothing.
+        assert built0["calls"] > 0 and built1["calls"] > 0 and built0["calls"] + built1["calls"] == calls
+        assert reused0["calls"] == reused1["calls"] == 0
+        assert os.path.basename(built0["dir"]) == os.path.basename(ex.directory) and built0["dir"] == built1["dir"]
+        names = sorted(os.listdir(ex.directory))
+        assert names == sorted(os.listdir(built0["dir"]))
+        for name in names:  # the arrays and meta.json, byte for byte
+            assert open(os.path.join(ex.directory, name), "rb").read() == \
+                open(os.path.join(built0["dir"], name), "rb").read(), name
+        assert len(j0["log"]) == 2 and j1["log"] == []  # once, on rank 0
+        assert "written to" in j0["log"][0] and "reused from" in j0["log"][1]
+    for j in (r0[-2], r1[-2]):  # every rank raises the first bad record's error, build and retry alike
+        for run in j["runs"]:
+            assert re.fullmatch(r".*bad\.jsonl: line 7: messages\[1\]\.role is 'bot',.*", run["error"])
+    for j in (r0[-1], r1[-1]):
+        for run in j["runs"]:
+            assert re.fullmatch(r".*bad_both\.jsonl: line 2: conversation has no assistant turn.*", run["error"])
+    assert not [d for d in os.listdir(tmp_path / "two") if d.startswith("bad")]

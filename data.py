@@ -653,6 +653,45 @@ def collate(examples: list[dict], pad_id: int = 0) -> dict[str, torch.Tensor]:
     return _pad(examples, pad_id)
 
 
+def replay_indices(sizes: list[int], n: int, seed: int, stage: int) -> list[list[int]]:
+    """Which examples of each earlier stage (of these sizes) a stage replays, n in all: an equal
+    share from each (the first n % k stages one more), drawn without replacement within a stage
+    by a private generator seeded from (seed, stage), so every rank and every restart agree."""
+    k = len(sizes)
+    shares = [n // k + (j < n % k) for j in range(k)] if k else []
+    picks = []
+    for j, (size, share) in enumerate(zip(sizes, shares)):
+        if share > size:
+            raise DataError(f"train.replay asks for {share} examples of earlier stage {j}, which has "
+                            f"only {size}")
+        key = hashlib.sha256(f"replay/{seed}/{stage}/{j}".encode()).digest()
+        g = torch.Generator().manual_seed(int.from_bytes(key[:8], "little") >> 1)
+        picks.append(sorted(torch.randperm(size, generator=g)[:share].tolist()))
+    return picks
+
+
+class Mixture:
+    """A stage's own examples followed by the examples it replays from earlier stages:
+    index i < len(own) is own[i]; the rest are (earlier stage, index) pairs in order."""
+
+    def __init__(self, own, replayed: list[tuple[object, list[int]]]):
+        self.own = own
+        self.extra = [(src, i) for src, idx in replayed for i in idx]
+        self.fingerprints = [own.fingerprint] + [src.fingerprint for src, idx in replayed if idx]
+
+    def __len__(self) -> int:
+        return len(self.own) + len(self.extra)
+
+    def __getitem__(self, i: int) -> dict:
+        i = operator.index(i)
+        if not 0 <= i < len(self):
+            raise IndexError(f"example {i} of {len(self)}")
+        if i < len(self.own):
+            return self.own[i]
+        src, j = self.extra[i - len(self.own)]
+        return src[j]
+
+
 class StepSampler:
     """Which examples each rank trains on at each optimizer step.
 

@@ -57,6 +57,7 @@ DEFAULTS = {
         "epochs": 1, "max_steps": 0, "grad_clip": 1.0, "device": "auto", "precision": "auto",
         "activation_checkpointing": False, "save_every": 0, "dpo_beta": 0.1,
         "export_format": "meta", "export_dtype": "fp32", "replicate": 1, "replicate_frozen": False,
+        "replay": 0.0,
     },
     "eval": {"probes": [], "max_new_tokens": 64, "batch_size": 8},
     "stages": [],
@@ -70,6 +71,7 @@ CHOICES = {
 }
 STAGE_KEYS = {"name", "kind", "train", "eval"}
 STAGE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")  # a directory name in out_dir
+RESERVED = {"tokenized", "base_eval.json", "report.json", "report.md", "summary.json", "run_config.json"}
 
 
 class ConfigError(ValueError):
@@ -168,10 +170,11 @@ def load_config(path: str, overrides: list[str] = ()) -> dict:
                 raise ConfigError(f"{path}: {where} is missing '{k}'")
         s = {"name": st["name"], "kind": _check_value("stages.kind", st["kind"], ""), "train": st["train"],
              "eval": st.get("eval", []), "hft": dict(cfg["hft"]), "train_cfg": dict(cfg["train"])}
-        if not isinstance(s["name"], str) or not STAGE_NAME.fullmatch(s["name"]) or s["name"] in names:
+        if (not isinstance(s["name"], str) or not STAGE_NAME.fullmatch(s["name"]) or s["name"] in names
+                or s["name"] in RESERVED):
             raise ConfigError(f"{path}: {where}.name must be a unique plain name (letters, digits, "
                               f"'_', '-', '.', not starting with '.' or '-'; it names a directory "
-                              f"in out_dir), got {s['name']!r}")
+                              f"in out_dir, other than {', '.join(sorted(RESERVED))}), got {s['name']!r}")
         names.add(s["name"])
         if isinstance(s["eval"], str):
             s["eval"] = [s["eval"]]
@@ -200,7 +203,7 @@ def cfg_checks(s: dict, where: str):
     for key in ("batch_size", "micro_batch_size", "epochs", "replicate"):
         if t[key] < 1:
             raise ConfigError(f"{where}: train.{key} must be >= 1, got {t[key]}")
-    for key in ("max_steps", "save_every", "grad_clip", "weight_decay"):
+    for key in ("max_steps", "save_every", "grad_clip", "weight_decay", "replay"):
         if t[key] < 0:
             raise ConfigError(f"{where}: train.{key} must be >= 0, got {t[key]}")
     if not 0 < t["lr"] or not 0 <= t["warmup_ratio"] <= 1 or not 0 <= t["min_lr_ratio"] <= 1:
@@ -430,7 +433,9 @@ def checkpoint_dirs(stage_dir: str) -> list[str]:
     return sorted(os.path.join(root, d) for d in os.listdir(root) if d.startswith("step-"))
 
 
-def save_training_checkpoint(stage_dir, step, model, opt, device):
+def save_training_checkpoint(stage_dir, step, model, opt, device, sources: list | None = None):
+    """Model and optimizer shards (DCP), per-rank RNG, and the fingerprints of the training
+    files (`sources`, data.json), written to a temporary directory and renamed when complete."""
     root = os.path.join(stage_dir, "checkpoints")
     final = os.path.join(root, f"step-{step:08d}")
     tmp = os.path.join(root, f"tmp-step-{step:08d}")
@@ -444,6 +449,8 @@ def save_training_checkpoint(stage_dir, step, model, opt, device):
     if device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(device)
     torch.save(rng, os.path.join(tmp, f"rng-rank{dist.get_rank()}.pt"))
+    if sources is not None and dist.get_rank() == 0:
+        write_json(os.path.join(tmp, "data.json"), sources)
     dist.barrier()
     if dist.get_rank() == 0:
         shutil.rmtree(final, ignore_errors=True)
@@ -651,6 +658,7 @@ def run_stage(cfg, idx, stage, init_path, tok, device) -> dict:
            run.t["export_format"], run.t["export_dtype"], cfg["model"]["tokenizer"])
     return {"model": run.model, "stats": {
         "name": run.name, "kind": run.kind, "steps": run.total, "resumed_from_step": run.start,
+        "examples": len(run.examples), "replayed": len(run.examples.extra),
         "wall_time_s": time.time() - t0, "train_time_s": train_time,
         "tokens_per_s": tokens / train_time if train_time else 0.0,
         "peak_memory_bytes": int(peak), "compute_dtype": str(compute_dtype(run.t, device))[6:],
@@ -663,10 +671,9 @@ def prepare_stage(cfg, idx, stage, init_path, tok, device) -> StageRun:
     name, kind, t, h = stage["name"], stage["kind"], stage["train_cfg"], stage["hft"]
     stage_dir = os.path.join(cfg["out_dir"], name)
     rank, world, seed = dist.get_rank(), dist.get_world_size(), cfg["seed"]
-    # All of the stage's data is read and validated before anything is built or written.
-    examples = data.cached_examples(stage["train"], kind, tok, cfg["model"]["max_seq_len"],
-                                    os.path.join(cfg["out_dir"], "tokenized"),
-                                    log=log if rank == 0 else (lambda *a, **k: None))
+    # All of the stage's data is read and validated before anything is built or trained.
+    examples = stage_examples(cfg, idx, stage, tok)
+    check_sources(stage_dir, name, examples.fingerprints)
     sampler = data.StepSampler(len(examples), t["batch_size"], t["micro_batch_size"], world, rank,
                                seed, idx, t["epochs"])
     total = sampler.total_steps if not t["max_steps"] else min(t["max_steps"], sampler.total_steps)
@@ -690,6 +697,49 @@ def prepare_stage(cfg, idx, stage, init_path, tok, device) -> StageRun:
         trim_metrics(os.path.join(stage_dir, "metrics.jsonl"), start)
     return StageRun(name, kind, idx, t, stage_dir, examples, sampler, total, start, mask, model,
                     reader, opt, trainable, element_mask, ref)
+
+
+def stage_examples(cfg, idx, stage, tok) -> data.Mixture:
+    """The stage's tokenized examples and, with `train.replay` = r > 0, round(r x their number)
+    more drawn from the earlier stages' training files (equal shares, seeded by (seed, stage);
+    TRACE's replay baseline), mixed into the stage's batches. Earlier stages replay when their
+    examples have the same shape: lm and sft into lm or sft, dpo into dpo."""
+    quiet = (lambda *a, **k: None)
+    load = lambda st, log_fn=log: data.cached_examples(  # noqa: E731
+        st["train"], st["kind"], tok, cfg["model"]["max_seq_len"],
+        os.path.join(cfg["out_dir"], "tokenized"), log=log_fn if dist.get_rank() == 0 else quiet)
+    own = load(stage)
+    r, pairs = stage["train_cfg"]["replay"], stage["kind"] == "dpo"
+    earlier = [st for st in cfg["stages"][:idx] if (st["kind"] == "dpo") == pairs]
+    if not r or not earlier:
+        if r:
+            log(f"stage '{stage['name']}': train.replay = {r}, but no earlier stage has its kind of data")
+        return data.Mixture(own, [])
+    pools = [load(st, quiet) for st in earlier]
+    n = math.floor(r * len(own) + 0.5)
+    picks = data.replay_indices([len(p) for p in pools], n, cfg["seed"], idx)
+    log(f"replay: {n} examples (train.replay = {r} x {len(own)}) from "
+        + ", ".join(f"'{st['name']}' {len(i)}" for st, i in zip(earlier, picks)))
+    return data.Mixture(own, list(zip(pools, picks)))
+
+
+def check_sources(stage_dir: str, name: str, fingerprints: list[dict]):
+    """Refuse to resume onto changed training data: the sampler's saved position would point at
+    other examples. Checkpoints record the fingerprints (size, sha256) of the files they saw."""
+    ckpts = checkpoint_dirs(stage_dir)
+    path = os.path.join(ckpts[-1], "data.json") if ckpts else ""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        saved = {fp["path"]: fp for fp in json.load(f)}
+    for fp in fingerprints:
+        old = saved.get(fp["path"])
+        if old is not None and (old["size"], old["sha256"]) != (fp["size"], fp["sha256"]):
+            raise data.DataError(
+                f"stage '{name}': {fp['path']} changed since the stage's checkpoints were written "
+                f"(size {old['size']} -> {fp['size']} bytes, sha256 {old['sha256'][:12]}... -> "
+                f"{fp['sha256'][:12]}...): resuming would train on other examples. Restore the "
+                f"file, or delete {os.path.join(stage_dir, 'checkpoints')} to restart the stage")
 
 
 def stage_mask(cfg, idx, stage, init_path) -> dict:
@@ -757,7 +807,8 @@ def train_loop(run: StageRun, tok, device) -> tuple[float, float]:
             bar.update(1)
             done, stopping = step + 1 == run.total, stop()
             if done or stopping or (run.t["save_every"] and (step + 1) % run.t["save_every"] == 0):
-                save_training_checkpoint(run.dir, step + 1, run.model, run.opt, device)
+                save_training_checkpoint(run.dir, step + 1, run.model, run.opt, device,
+                                         run.examples.fingerprints)
             if stopping and not done:
                 preempt(run, step + 1, device)
     finally:
@@ -807,7 +858,7 @@ def preempt(run: StageRun, step: int, device):
     """Save the state after `step` completed steps (unless that checkpoint exists) and stop."""
     ckpts = checkpoint_dirs(run.dir)
     if step > 0 and not (ckpts and ckpts[-1].endswith(f"step-{step:08d}")):
-        save_training_checkpoint(run.dir, step, run.model, run.opt, device)
+        save_training_checkpoint(run.dir, step, run.model, run.opt, device, run.examples.fingerprints)
     raise Preempted(f"SIGTERM: saved a checkpoint of stage '{run.name}' at step {step}; "
                     "run the same command again to continue" if step else
                     f"SIGTERM before the first step of stage '{run.name}' finished; nothing to save")

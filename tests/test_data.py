@@ -661,3 +661,27 @@ def test_two_ranks_cache_byte_identical_and_errors_reach_all(spm_path, tmp_path)
         for run in j["runs"]:
             assert re.fullmatch(r".*bad_both\.jsonl: line 2: conversation has no assistant turn.*", run["error"])
     assert not [d for d in os.listdir(tmp_path / "two") if d.startswith("bad")]
+
+
+def test_replay_draw_counts_and_determinism():
+    picks = data.replay_indices([40, 10, 30], 20, seed=1, stage=3)
+    assert [len(p) for p in picks] == [7, 7, 6]  # equal shares, the first stages one more
+    assert all(len(set(p)) == len(p) and all(0 <= i < n for i in p) for p, n in zip(picks, [40, 10, 30]))
+    assert picks == data.replay_indices([40, 10, 30], 20, seed=1, stage=3)
+    assert picks != data.replay_indices([40, 10, 30], 20, seed=1, stage=4)
+    assert picks != data.replay_indices([40, 10, 30], 20, seed=2, stage=3)
+    assert data.replay_indices([], 5, 0, 0) == []
+    with pytest.raises(DataError, match="train.replay asks for 10 examples of earlier stage 1, which has only 4"):
+        data.replay_indices([40, 4], 20, seed=1, stage=3)
+
+
+def test_mixture_indexes_own_then_replayed():
+    class Src(list):
+        fingerprint = {"path": "p"}
+    own, a, b = Src(["o0", "o1"]), Src(["a0", "a1", "a2"]), Src(["b0"])
+    own.fingerprint, a.fingerprint, b.fingerprint = {"path": "own"}, {"path": "a"}, {"path": "b"}
+    m = data.Mixture(own, [(a, [2, 0]), (b, [])])
+    assert len(m) == 4 and [m[i] for i in range(4)] == ["o0", "o1", "a2", "a0"]
+    assert m.fingerprints == [{"path": "own"}, {"path": "a"}]
+    with pytest.raises(IndexError):
+        m[4]

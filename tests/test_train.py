@@ -406,3 +406,29 @@ def test_no_loadable_checkpoint_is_an_error_naming_the_stage(one_rank, tiny_ckpt
                 open(os.path.join(ckpt, f), "wb").close()
     with pytest.raises(train.ConfigError, match=r"stage 's': none of its 2 checkpoints .* loads"):
         train.resume(stage_dir, "s", model, opt, torch.device("cpu"))
+
+
+def test_replay_counts_resume_and_a_changed_file_refused(world):
+    """`replay = 0.5` on the second stage mixes 20 of the first stage's examples into its 40; a
+    run killed in that stage and rerun equals the uninterrupted one; a training file edited
+    between the kill and the rerun is refused, naming it."""
+    import shutil
+    shutil.copy(world / "trace.json", world / "trace_r.json")
+    stages = two_stages(world)
+    stages[1].update(train=str(world / "trace_r.json"), replay=0.5, save_every=1)
+    ref = write_cfg(world, "replay", stages)
+    p = torchrun(ref)
+    assert "replay: 20 examples (train.replay = 0.5 x 40) from 'sft' 20" in p.stdout
+    done = json.load(open(world / "replay" / "trace" / "done.json"))
+    assert (done["examples"], done["replayed"], done["steps"]) == (60, 20, 7)  # 60 // batch 8
+    crash = write_cfg(world, "replay_crash", stages)
+    assert torchrun(crash, env={"HFT_FAULT_AT": "trace:3"}, check=False).returncode != 0
+    original = (world / "trace_r.json").read_bytes()
+    (world / "trace_r.json").write_bytes(original.replace(b'"sort 0 2 1 :"', b'"sort 0 1 2 :"'))
+    p = torchrun(crash, check=False)
+    assert p.returncode != 0 and "trace_r.json changed since the stage's checkpoints" in p.stderr, p.stderr[-2000:]
+    (world / "trace_r.json").write_bytes(original)
+    p = torchrun(crash)
+    assert "resuming stage 'trace' from step 2/7" in p.stdout
+    a, b = load_weights(world / "replay" / "trace"), load_weights(world / "replay_crash" / "trace")
+    assert all(torch.equal(a[k], b[k]) for k in a)

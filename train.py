@@ -52,7 +52,8 @@ DEFAULTS = {
         "activation_checkpointing": False, "save_every": 0, "dpo_beta": 0.1,
         "export_format": "meta", "export_dtype": "fp32", "replicate": 1, "replicate_frozen": False,
     },
-    "eval": {"probes": [], "max_new_tokens": 64, "batch_size": 8},
+    # max_batch_tokens bounds a batch's positions and so its KV cache (eval.MAX_BATCH_TOKENS).
+    "eval": {"probes": [], "max_new_tokens": 64, "batch_size": 8, "max_batch_tokens": 16384},
     "stages": [],
 }
 CHOICES = {
@@ -612,14 +613,19 @@ def finish_stage(cfg, stage, stats, eval_result):
 # ---------------------------------------------------------------------------------------------
 # Evaluation hooks (eval.py computes; the runner decides what and when).
 
-def evaluate_all(cfg, model, tok, files) -> dict:
+def evaluate_all(cfg, model, tok, files, tcfg: dict | None = None) -> dict:
+    """Score `model` on each file. `tcfg`: the train config the model was built with (default
+    the first stage's, as for the base model); its compute dtype is the KV cache's."""
     import eval as ev
     e = cfg["eval"]
+    dtype = compute_dtype(tcfg or cfg["stages"][0]["train_cfg"], next(model.parameters()).device)
     out = {}
-    for item in files:
-        path, metric = (item, None) if isinstance(item, str) else (item["path"], item.get("metric"))
-        out[path] = ev.evaluate_file(model, tok, path, metric=metric, max_new_tokens=e["max_new_tokens"],
-                                     batch_size=e["batch_size"])
+    with ev.gathered(model):  # all-gather the sharded weights once for every file, not per token
+        for item in files:
+            path, metric = (item, None) if isinstance(item, str) else (item["path"], item.get("metric"))
+            out[path] = ev.evaluate_file(model, tok, path, metric=metric, max_new_tokens=e["max_new_tokens"],
+                                         batch_size=e["batch_size"], max_batch_tokens=e["max_batch_tokens"],
+                                         dtype=dtype)
     return out
 
 

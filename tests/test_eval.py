@@ -679,3 +679,18 @@ def test_cli_reports_a_bad_file_and_fails(tiny_args, spm_path, tmp_path, capsys)
     missing = str(tmp_path / "nope.jsonl")
     assert ev.main(["--model", str(model_dir), "--tokenizer", spm_path, "--data", missing]) == 2
     assert "nope.jsonl" in capsys.readouterr().err
+
+
+def test_cli_max_batch_tokens(tiny_args, tok, spm_path, tmp_path, capsys):
+    import model as model_lib
+    m = _tiny_model(tiny_args)
+    model_dir = tmp_path / "tiny"
+    model_lib.save_model(m, str(model_dir))
+    qa = _write_jsonl(tmp_path / "probe.jsonl", [{"question": q, "answer": "x"} for q in ("where is paris", "one")])
+    out = tmp_path / "results.json"
+    common = ["--model", str(model_dir), "--tokenizer", spm_path, "--data", qa, "--max-new-tokens", "3"]
+    assert ev.main(common + ["--max-batch-tokens", "1", "--out", str(out)]) == 0  # one prompt a batch
+    preds = [p["prediction"] for p in json.loads(out.read_text())["results"][0]["predictions"]]
+    assert preds == ev.generate(m, tok, ["Q: where is paris\nA:", "Q: one\nA:"], 3)
+    assert ev.main(common + ["--max-batch-tokens", "-1"]) == 2
+    assert "max_batch_tokens must be >= 0" in capsys.readouterr().err

@@ -10,17 +10,20 @@
   `trace_accuracy` (`==`, nothing stripped), `trace_scienceqa` (the first character),
   `trace_rouge_l` (the `rouge` package 1.0.1), `trace_edit_similarity` (Py150's literals
   replaced, then fuzzywuzzy's rounded ratio) and `sari`; `continual_metrics(R)` gives OP and BWT;
-- `generate`: batched greedy decoding through the model's KV cache;
+- `generate`: batched greedy decoding through the model's KV cache, batches bounded in tokens;
+- `gathered`: an FSDP2-sharded model all-gathered once for a whole evaluation, not per token;
 - `evaluate_file`: one TRACE / conversation / knowledge-probe / multiple-choice / text file ->
   score, per-example predictions; `score_predictions`: the same for predictions made elsewhere;
 - `write_report`: the stage runner's R matrix, OP, BWT and probe retention, as JSON and markdown.
 
-Every model call is made the same number of times on every rank, so an FSDP-sharded model (whose
-forward all-gathers parameters across ranks) never deadlocks on a rank that ran out of examples.
+Every model call is made the same number of times on every rank, so neither an FSDP-sharded
+model's forward (which all-gathers parameters across ranks, outside `gathered`) nor the decode
+loop's stop vote deadlocks on a rank that ran out of examples.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import json
 import math
@@ -29,6 +32,7 @@ import re
 import string
 import sys
 import tempfile
+import weakref
 from collections import Counter
 
 import torch
@@ -311,6 +315,16 @@ TRACE_METRICS = {"cstance": "trace_accuracy", "fomc": "trace_accuracy",
 # ---------------------------------------------------------------------------------------------
 # Running the model: every rank makes the same calls.
 
+# The default bound on the positions one batch holds (prompts padded to the longest, plus the
+# new tokens when generating), which bounds the KV cache: 2 (k, v) x n_layers x n_kv_heads x
+# head_dim values per position, in bf16 512 KiB at 7B and 800 KiB at 13B, so 16384 positions
+# are 8 GiB and 12.5 GiB (TRACE's 16 prompts x 4096 positions were 32 and 50 GiB). Short prompts
+# still go 16 at a time (16 x (512 + 512)), full-length ones 4. Scoring (mc, ppl) holds float32
+# logits for every position: 16384 x 32000 x 4 bytes = 2 GiB.
+MAX_BATCH_TOKENS = 16384
+
+_HELD = weakref.WeakSet()  # FSDP modules that a `gathered` block keeps unsharded
+
 
 def _rank_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
@@ -318,26 +332,101 @@ def _rank_world() -> tuple[int, int]:
     return 0, 1
 
 
-def _shard(items: list, filler) -> tuple[list, int]:
-    """This rank's share (every world-th item), padded with `filler` to ceil(n / world) items so
-    all ranks run the same number of batches. Returns the list and how many are real."""
-    rank, world = _rank_world()
-    mine = items[rank::world]
-    per_rank = -(-len(items) // world)
-    return mine + [filler] * (per_rank - len(mine)), len(mine)
+@contextlib.contextmanager
+def gathered(model):
+    """Keep an FSDP2 model's parameters unsharded for the block: one all-gather per parameter
+    group on entry instead of one per block in every forward (each decode step is a forward).
+    On exit, an exception included, every module is resharded and its reshard_after_forward
+    setting restored, so training goes on as before. Meanwhile every rank holds the whole model
+    in its compute dtype (13.5 GB at 7B in bf16). It all-gathers: every rank must enter it.
+    Nested blocks and a plain module: no-op."""
+    from torch.distributed.fsdp import FSDPModule
+    modules = [m for m in model.modules() if isinstance(m, FSDPModule) and m not in _HELD]
+    if not modules:
+        yield model
+        return
+    settings = _reshard_settings(modules)
+    _HELD.update(modules)
+    try:
+        for m in modules:
+            m.set_reshard_after_forward(False, recurse=False)
+            m.unshard()
+        yield model
+    finally:
+        for m, (auto, infos) in zip(modules, settings):
+            state = m._get_fsdp_state()
+            state._auto_reshard_after_forward = auto
+            for group, info in zip(state._fsdp_param_groups, infos):
+                group.post_forward_mesh_info = info
+            m.reshard()
+        _HELD.difference_update(modules)
 
 
-def _gather(mine: list, n: int) -> list:
-    """Undo `_shard`: every rank gets all n results in the original order."""
+def _reshard_settings(modules) -> list:
+    """Each FSDP module's reshard-after-forward setting. FSDP2 has a setter but no getter, so
+    this reads torch 2.13's private state (test_eval's `gathered` tests fail if it moves)."""
+    covered = set()
+    for m in modules:  # pre-order: a root comes before the modules it holds
+        if m not in covered:
+            # A root turns its own resharding off at its first forward; done now, so that a
+            # first forward inside the block cannot make the saved setting stale.
+            m._get_fsdp_state()._lazy_init()
+            covered.update(m.modules())
+    states = [m._get_fsdp_state() for m in modules]
+    return [(s._auto_reshard_after_forward, [g.post_forward_mesh_info for g in s._fsdp_param_groups])
+            for s in states]
+
+
+@contextlib.contextmanager
+def _evaluating(model):
+    """Eval mode, no autograd and the weights gathered for the block; train mode restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        with gathered(model), torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def _plan(lengths: list[int], batch_size: int, max_tokens: int, extra: int = 0) -> list[list[int]]:
+    """Indices in batches, longest first (little padding), each with at most batch_size items and,
+    when max_tokens > 0, at most max_tokens positions: len(batch) x (its longest + extra). A
+    sequence that alone exceeds max_tokens still runs, as a batch of one."""
+    if batch_size < 1:
+        raise ValueError(f"eval: batch_size must be >= 1, got {batch_size}")
+    if max_tokens < 0:
+        raise ValueError(f"eval: max_batch_tokens must be >= 0 (0: no bound), got {max_tokens}")
+    batches = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        last = batches[-1] if batches else []
+        fits = last and (not max_tokens or (len(last) + 1) * (lengths[last[0]] + extra) <= max_tokens)
+        if fits and len(last) < batch_size:
+            last.append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+def _run_batches(batches: list[list[int]], run, desc: str) -> list:
+    """`run(indices, real)` -> one result per index, on this rank's share of the batches (every
+    world-th, so loads are alike). A rank with one batch fewer runs a filler (the shortest
+    sequence, `real` False), so every rank makes the same model calls. Every rank gets all
+    results, in index order."""
     rank, world = _rank_world()
-    if world == 1:
-        return mine
-    parts = [None] * world
-    dist.all_gather_object(parts, mine)
-    out = [None] * n
-    for r, part in enumerate(parts):
-        out[r::world] = part
-    return out
+    mine = batches[rank::world]
+    mine += [None] * (-(-len(batches) // world) - len(mine))
+    results = {}
+    for idx in tqdm(mine, desc=desc, leave=False, disable=rank != 0):
+        out = run(idx or batches[-1][-1:], idx is not None)
+        if idx is not None:
+            results.update(zip(idx, out))
+    if world > 1:
+        parts = [None] * world
+        dist.all_gather_object(parts, results)
+        for part in parts:
+            results.update(part)
+    return [results[i] for i in range(len(results))]
 
 
 def _all_ranks(flag: bool, device) -> bool:
@@ -353,29 +442,6 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def _compute_dtype(model) -> torch.dtype:
-    """The dtype attention computes in. FSDP2 mixed precision keeps fp32 sharded parameters and
-    computes in mp_policy.param_dtype; a cache in that dtype takes half the memory of one in the
-    parameters' dtype (attention casts either way). FSDP2 exposes the policy only through its
-    state object, hence the guarded private access."""
-    try:
-        dt = model._get_fsdp_state()._mp_policy.param_dtype
-        if dt is not None:
-            return dt
-    except AttributeError:
-        pass
-    return model.output.weight.dtype
-
-
-def _new_cache(model, batch: int, max_len: int):
-    return model.new_cache(batch, max_len, dtype=_compute_dtype(model))
-
-
-def _by_length(seqs: list[list[int]]) -> list[int]:
-    """Indices, longest first: batching sequences of similar length wastes little on padding."""
-    return sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
-
-
 def _fit_prompt(ids: list[int], limit: int, bos_id: int) -> list[int]:
     """Left-truncate to `limit` tokens, keeping the end of the prompt (where the question is) and
     the leading bos the model always saw first."""
@@ -385,24 +451,26 @@ def _fit_prompt(ids: list[int], limit: int, bos_id: int) -> list[int]:
     return head + ids[len(ids) - (limit - len(head)):]
 
 
-def _greedy_batch(model, batch: list[list[int]], max_new_tokens: int, eos_id: int, device) -> list[list[int]]:
-    """Greedy continuation of left-padded prompts; returns the new tokens up to (not with) eos."""
+def _greedy_batch(model, batch: list[list[int]], max_new_tokens: int, eos_id: int, device, dtype,
+                  real: bool = True) -> list[list[int]]:
+    """Greedy continuation of left-padded prompts; returns the new tokens up to (not with) eos.
+    A filler batch (`real` False) is done from the start: it only steps with the other ranks."""
     B, P = len(batch), max(len(ids) for ids in batch)
     tokens = torch.zeros(B, P, dtype=torch.long, device=device)  # pad id 0: masked out anyway
     key_mask = torch.zeros(B, P + max_new_tokens, dtype=torch.bool, device=device)
     for b, ids in enumerate(batch):
         tokens[b, P - len(ids):] = torch.tensor(ids, dtype=torch.long)
         key_mask[b, P - len(ids):P] = True
-    cache = _new_cache(model, B, P + max_new_tokens)
-    logits = model(tokens, 0, cache, key_mask[:, :P])
-    done = torch.zeros(B, dtype=torch.bool, device=device)
+    cache = model.new_cache(B, P + max_new_tokens, dtype=dtype)
+    logits = model(tokens, 0, cache, key_mask[:, :P], last_only=True)
+    done = torch.full((B,), not real, dtype=torch.bool, device=device)
     out = []
     for step in range(max_new_tokens):
         next_tok = logits[:, -1].argmax(-1)
         out.append(next_tok)
         done |= next_tok == eos_id
         # Stop only when every rank is done: a rank that left early would strand the others
-        # in the FSDP all-gather of the next forward.
+        # in a collective (the vote itself, or an FSDP all-gather outside `gathered`).
         if step == max_new_tokens - 1 or _all_ranks(bool(done.all()), device):
             break
         pos = P + step
@@ -412,11 +480,17 @@ def _greedy_batch(model, batch: list[list[int]], max_new_tokens: int, eos_id: in
     return [row[:row.index(eos_id)] if eos_id in row else row for row in rows]
 
 
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 8) -> list[str]:
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 8,
+             max_batch_tokens: int = MAX_BATCH_TOKENS, dtype: torch.dtype | None = None) -> list[str]:
     """Greedy decoding of each prompt (bos prepended; left-truncated to fit max_seq_len together
-    with max_new_tokens) through the KV cache, batched with left padding. Returns the decoded
-    new tokens without eos, in prompt order. Under torch.distributed the prompts are split over
-    ranks and every rank gets all results."""
+    with max_new_tokens) through the KV cache, batched with left padding, longest first: at most
+    batch_size prompts and max_batch_tokens positions (prompt length + max_new_tokens, each;
+    0: no bound) a batch. Returns the decoded new tokens without eos, in prompt order.
+
+    `dtype` is the compute dtype, which the KV cache is kept in (default: the dtype of the
+    parameters as `gathered` holds them, which for FSDP2 mixed precision is its param_dtype).
+    The model is gathered for the call. Under torch.distributed the batches are split over ranks
+    and every rank gets all results."""
     if max_new_tokens < 1:
         raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
     limit = model.args.max_seq_len - max_new_tokens
@@ -426,28 +500,36 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
     if not prompts:
         return []
     encoded = [_fit_prompt(tokenizer.encode(p, bos=True, eos=False), limit, tokenizer.bos_id) for p in prompts]
-    mine, n_real = _shard(encoded, filler=encoded[0])
-    order = _by_length(mine)
-    device, was_training = _device(model), model.training
-    model.eval()
-    new_ids = [None] * len(mine)
-    try:
-        with torch.no_grad():
-            batches = range(0, len(mine), batch_size)
-            for start in tqdm(batches, desc="generate", leave=False, disable=_rank_world()[0] != 0):
-                idx = order[start:start + batch_size]
-                outs = _greedy_batch(model, [mine[i] for i in idx], max_new_tokens, tokenizer.eos_id, device)
-                for i, ids in zip(idx, outs):
-                    new_ids[i] = ids
-    finally:
-        model.train(was_training)
-    return _gather([tokenizer.decode(ids) for ids in new_ids[:n_real]], len(prompts))
+    batches = _plan(list(map(len, encoded)), batch_size, max_batch_tokens, extra=max_new_tokens)
+    device, eos = _device(model), tokenizer.eos_id
+
+    def run(idx, real):
+        outs = _greedy_batch(model, [encoded[i] for i in idx], max_new_tokens, eos, device, dtype, real)
+        return [tokenizer.decode(ids) for ids in outs]
+
+    with _evaluating(model):
+        return _run_batches(batches, run, "generate")
 
 
-def sequence_logprobs(model, seqs: list[tuple[list[int], int]], batch_size: int = 8) -> list[float]:
+def _logprobs_batch(model, batch: list[tuple[list[int], int]], device) -> list[float]:
+    T = max(len(ids) for ids, _ in batch)
+    tokens = torch.zeros(len(batch), T, dtype=torch.long, device=device)
+    for b, (ids, _) in enumerate(batch):
+        tokens[b, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+    logits = model(tokens)
+    # logits at position j predict token j + 1
+    return torch.stack([-F.cross_entropy(logits[b, len(ids) - n - 1:len(ids) - 1],
+                                         tokens[b, len(ids) - n:len(ids)], reduction="sum")
+                        for b, (ids, n) in enumerate(batch)]).tolist()
+
+
+def sequence_logprobs(model, seqs: list[tuple[list[int], int]], batch_size: int = 8,
+                      max_batch_tokens: int = MAX_BATCH_TOKENS) -> list[float]:
     """Sum of log p(token | all tokens before it) over the last n tokens of each (ids, n).
 
-    Right padding with plain causal attention: a real token never sees the padding after it."""
+    Right padding with plain causal attention: a real token never sees the padding after it.
+    Batches, longest first, hold at most batch_size sequences and max_batch_tokens positions
+    (0: no bound); the model is gathered for the call."""
     if not seqs:
         return []
     max_len = model.args.max_seq_len
@@ -455,30 +537,14 @@ def sequence_logprobs(model, seqs: list[tuple[list[int], int]], batch_size: int 
         if not 1 <= n < len(ids) or len(ids) > max_len:
             raise ValueError(f"sequence_logprobs: cannot score the last {n} of {len(ids)} tokens "
                              f"(need 1 <= n < len and len <= max_seq_len={max_len})")
-    mine, n_real = _shard(seqs, filler=seqs[0])
-    order = _by_length([ids for ids, _ in mine])
-    device, was_training = _device(model), model.training
-    model.eval()
-    out = [None] * len(mine)
-    try:
-        with torch.no_grad():
-            batches = range(0, len(mine), batch_size)
-            for start in tqdm(batches, desc="score", leave=False, disable=_rank_world()[0] != 0):
-                idx = order[start:start + batch_size]
-                batch = [mine[i] for i in idx]
-                tokens = torch.zeros(len(batch), max(len(ids) for ids, _ in batch), dtype=torch.long, device=device)
-                for b, (ids, _) in enumerate(batch):
-                    tokens[b, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-                logits = model(tokens)
-                # logits at position j predict token j + 1
-                lps = torch.stack([-F.cross_entropy(logits[b, len(ids) - n - 1:len(ids) - 1],
-                                                    tokens[b, len(ids) - n:len(ids)], reduction="sum")
-                                   for b, (ids, n) in enumerate(batch)])
-                for i, lp in zip(idx, lps.tolist()):
-                    out[i] = lp
-    finally:
-        model.train(was_training)
-    return _gather(out[:n_real], len(seqs))
+    batches = _plan([len(ids) for ids, _ in seqs], batch_size, max_batch_tokens)
+    device = _device(model)
+
+    def run(idx, real):
+        return _logprobs_batch(model, [seqs[i] for i in idx], device)
+
+    with _evaluating(model):
+        return _run_batches(batches, run, "score")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -597,7 +663,7 @@ def _mean_score(preds: list[dict]) -> float:
     return 100.0 * sum(p["score"] for p in preds) / len(preds)
 
 
-def _score_choices(model, tokenizer, examples, batch_size):
+def _score_choices(model, tokenizer, examples, batch_size, max_batch_tokens):
     """Pick the choice with the highest summed log-probability after the question prompt."""
     max_len = model.args.max_seq_len
     seqs = []
@@ -611,7 +677,7 @@ def _score_choices(model, tokenizer, examples, batch_size):
             if len(whole) > max_len:  # keep the end: the choice and the question before it
                 whole = whole[-max_len:]
             seqs.append((whole, min(n, len(whole) - 1)))
-    logps = iter(sequence_logprobs(model, seqs, batch_size))
+    logps = iter(sequence_logprobs(model, seqs, batch_size, max_batch_tokens))
     out = []
     for ex in examples:
         lp = [next(logps) for _ in ex["choices"]]
@@ -622,7 +688,7 @@ def _score_choices(model, tokenizer, examples, batch_size):
     return out
 
 
-def _score_text(model, tokenizer, examples, batch_size):
+def _score_text(model, tokenizer, examples, batch_size, max_batch_tokens):
     """Per-text token NLL. Texts longer than max_seq_len are cut into windows overlapping by one
     token, so every token after bos is predicted exactly once."""
     L = model.args.max_seq_len
@@ -634,7 +700,7 @@ def _score_text(model, tokenizer, examples, batch_size):
             seqs.append((window, len(window) - 1))
             owner.append(k)
     nll, ntok = [0.0] * len(examples), [0] * len(examples)
-    for k, (_, n), lp in zip(owner, seqs, sequence_logprobs(model, seqs, batch_size)):
+    for k, (_, n), lp in zip(owner, seqs, sequence_logprobs(model, seqs, batch_size, max_batch_tokens)):
         nll[k] -= lp
         ntok[k] += n
     return [{"text": ex["text"][:200], "nll": nll[k], "tokens": ntok[k],
@@ -642,21 +708,26 @@ def _score_text(model, tokenizer, examples, batch_size):
 
 
 def evaluate_file(model, tokenizer, path: str, metric: str | None = None, max_new_tokens: int = 64,
-                  batch_size: int = 8) -> dict:
+                  batch_size: int = 8, max_batch_tokens: int = MAX_BATCH_TOKENS,
+                  dtype: torch.dtype | None = None) -> dict:
     """Score a model on one file. `score` is 0-100 (mean of the per-example metric), or the
-    perplexity exp(total NLL / total tokens) for 'ppl', where lower is better."""
+    perplexity exp(total NLL / total tokens) for 'ppl', where lower is better. Batching and
+    `dtype` (the compute dtype) as in `generate`; the model is gathered for the file."""
     metric, examples = load_examples(path, metric)
+    with gathered(model):
+        if metric == "ppl":
+            preds = _score_text(model, tokenizer, examples, batch_size, max_batch_tokens)
+        elif metric == "mc":
+            preds = _score_choices(model, tokenizer, examples, batch_size, max_batch_tokens)
+        else:
+            texts = generate(model, tokenizer, [ex["prompt"] for ex in examples], max_new_tokens,
+                             batch_size, max_batch_tokens, dtype)
+            preds = _score_texts(examples, metric, texts)
     if metric == "ppl":
-        preds = _score_text(model, tokenizer, examples, batch_size)
         tokens = sum(p["tokens"] for p in preds)
         if tokens == 0:
             raise ValueError(f"{path}: no tokens to score (every text is empty)")
         return _result(path, metric, preds, math.exp(sum(p["nll"] for p in preds) / tokens))
-    if metric == "mc":
-        preds = _score_choices(model, tokenizer, examples, batch_size)
-    else:
-        texts = generate(model, tokenizer, [ex["prompt"] for ex in examples], max_new_tokens, batch_size)
-        preds = _score_texts(examples, metric, texts)
     return _result(path, metric, preds, _mean_score(preds))
 
 
@@ -868,6 +939,8 @@ def _parse_args(argv):
     ap.add_argument("--metric", choices=METRICS, help="override the metric for every file")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--max-batch-tokens", type=int, default=MAX_BATCH_TOKENS,
+                    help="positions a batch holds at most, padding and new tokens included (0: no bound)")
     ap.add_argument("--out", help="write results (with per-example predictions) to this JSON file")
     ap.add_argument("--tokenizer", help="SentencePiece model (default: MODEL/tokenizer.model)")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), help="default: bfloat16 on GPU, float32 on CPU")
@@ -912,7 +985,8 @@ def main(argv=None) -> int:
         tokenizer = data.Tokenizer(tok_path)
         model = model_lib.load_model(args.model, dtype=dtype, device=device, max_seq_len=args.max_seq_len)
         results = [evaluate_file(model, tokenizer, f, metric=args.metric, max_new_tokens=args.max_new_tokens,
-                                 batch_size=args.batch_size) for f in args.data]
+                                 batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens)
+                   for f in args.data]
     except (ValueError, OSError) as e:  # DataError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -233,12 +233,15 @@ class Transformer(nn.Module):
         return KVCache(self.args, batch_size, max_len, dtype or p.dtype, p.device)
 
     def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache: Optional[KVCache] = None,
-                key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """tokens [B, T] -> float32 logits [B, T, vocab].
+                key_mask: Optional[torch.Tensor] = None, last_only: bool = False) -> torch.Tensor:
+        """tokens [B, T] -> float32 logits [B, T, vocab] ([B, 1, vocab] with `last_only`).
 
         Training calls `model(tokens)`: plain causal attention, no cache. Decoding passes a
         `KVCache` and the position of tokens[:, 0]; `key_mask` [B, start_pos + T] (True = real
         token) hides left padding, so prompts of different lengths decode in one batch.
+        `last_only` applies the final norm and output to the last position only: a prompt's
+        prefill needs just the next token's logits, not T x vocab of them (16 prompts x 3584
+        positions x 32000 x 4 bytes = 7 GiB in float32).
         """
         B, T = tokens.shape
         h = self.tok_embeddings(tokens)
@@ -259,6 +262,8 @@ class Transformer(nn.Module):
                 mask = (mask & key_mask[:, None, None, :S].to(torch.bool)) | diag
         for layer in self.layers:
             h = layer(h, rope, cache, start_pos, mask)
+        if last_only:
+            h = h[:, -1:]
         return self.output(self.norm(h)).float()
 
 

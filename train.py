@@ -59,7 +59,8 @@ DEFAULTS = {
         "export_format": "meta", "export_dtype": "fp32", "replicate": 1, "replicate_frozen": False,
         "replay": 0.0,
     },
-    "eval": {"probes": [], "max_new_tokens": 64, "batch_size": 8},
+    # max_batch_tokens bounds a batch's positions and so its KV cache (eval.MAX_BATCH_TOKENS).
+    "eval": {"probes": [], "max_new_tokens": 64, "batch_size": 8, "max_batch_tokens": 16384},
     "stages": [],
 }
 CHOICES = {
@@ -889,14 +890,20 @@ def finish_stage(cfg, stage, stats, eval_result):
 # ---------------------------------------------------------------------------------------------
 # Evaluation hooks (eval.py computes; the runner decides what and when).
 
-def evaluate_all(cfg, model, tok, files) -> dict:
+def evaluate_all(cfg, model, tok, files, tcfg: dict, device) -> dict:
+    """{"evals": {path: result}, "probes": {path: result}}: `model` scored on the eval entries
+    `files` and on [eval] probes, its weights all-gathered once for all of them (not per token).
+    `tcfg`: the [train] settings the model was built with; its compute dtype is the KV cache's."""
     import eval as ev
     e = cfg["eval"]
-    out = {}
-    for item in files:
-        path, metric = (item, None) if isinstance(item, str) else (item["path"], item.get("metric"))
-        out[path] = ev.evaluate_file(model, tok, path, metric=metric, max_new_tokens=e["max_new_tokens"],
-                                     batch_size=e["batch_size"])
+    kw = dict(max_new_tokens=e["max_new_tokens"], batch_size=e["batch_size"],
+              max_batch_tokens=e["max_batch_tokens"], dtype=compute_dtype(tcfg, device))
+    out = {"evals": {}, "probes": {}}
+    with ev.gathered(model):
+        for group, items in (("evals", files), ("probes", e["probes"])):
+            for item in items:
+                path, metric = (item, None) if isinstance(item, str) else (item["path"], item.get("metric"))
+                out[group][path] = ev.evaluate_file(model, tok, path, metric=metric, **kw)
     return out
 
 
@@ -946,8 +953,7 @@ def run(cfg: dict):
             model, _ = build_model(init_path, cfg["stages"][0]["train_cfg"], None, device,
                                    cfg["model"]["max_seq_len"])
             files = [e for s in cfg["stages"] for e in s["eval"]]
-            base = {"evals": evaluate_all(cfg, model, tok, files),
-                    "probes": evaluate_all(cfg, model, tok, cfg["eval"]["probes"])}
+            base = evaluate_all(cfg, model, tok, files, cfg["stages"][0]["train_cfg"], device)
             del model
             release_memory(device)
             if rank == 0:
@@ -957,8 +963,7 @@ def run(cfg: dict):
         if has_evals:
             seen = [e for s in cfg["stages"][:idx + 1] for e in s["eval"]]
             ev = {"name": stage["name"], "eval_files": [e if isinstance(e, str) else e["path"] for e in stage["eval"]],
-                  "evals": evaluate_all(cfg, res["model"], tok, seen),
-                  "probes": evaluate_all(cfg, res["model"], tok, cfg["eval"]["probes"])}
+                  **evaluate_all(cfg, res["model"], tok, seen, stage["train_cfg"], device)}
             stage_evals.append(ev)
         del res["model"]
         release_memory(device)  # the next stage's model must not share the GPU with this one

@@ -310,6 +310,87 @@ def test_generate_left_truncates_long_prompts(tiny_model, tok):
         ev.generate(tiny_model, tok, ["x"], max_new_tokens=63)
 
 
+def test_forward_last_only_is_the_last_row(tiny_model, tok):
+    rows = [tok.encode(p, True, False)[:6] for p in PROMPTS[:2]]
+    tokens = torch.tensor(rows)
+    key_mask = torch.ones(2, 6, dtype=torch.bool)
+    key_mask[0, :2] = False  # the prefill's path too: a cache, and row 0 left-padded by two
+    with torch.no_grad():
+        full = tiny_model(tokens)
+        last = tiny_model(tokens, last_only=True)
+        full_c = tiny_model(tokens, 0, tiny_model.new_cache(2, 8), key_mask)
+        last_c = tiny_model(tokens, 0, tiny_model.new_cache(2, 8), key_mask, last_only=True)
+    assert last.shape == last_c.shape == (2, 1, tiny_model.args.vocab_size)
+    torch.testing.assert_close(last, full[:, -1:], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(last_c, full_c[:, -1:], rtol=1e-6, atol=1e-6)
+
+
+def test_plan_batches_longest_first_within_the_budget():
+    assert ev._plan([5, 9, 3, 9, 1], batch_size=2, max_tokens=0) == [[1, 3], [0, 2], [4]]
+    # 2 x 9 = 18 positions fit 20, 3 x 9 do not; then 3 x 5 = 15 do.
+    assert ev._plan([5, 9, 3, 9, 1], batch_size=8, max_tokens=20) == [[1, 3], [0, 2, 4]]
+    # Each 9 alone exceeds 8 and still runs, alone; generation counts the new tokens too.
+    assert ev._plan([5, 9, 3, 9, 1], batch_size=8, max_tokens=8) == [[1], [3], [0], [2, 4]]
+    assert ev._plan([5, 9, 3, 9, 1], batch_size=8, max_tokens=20, extra=2) == [[1], [3], [0, 2], [4]]
+    with pytest.raises(ValueError, match="max_batch_tokens must be >= 0"):
+        ev._plan([1], batch_size=1, max_tokens=-1)
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        ev._plan([1], batch_size=0, max_tokens=0)
+
+
+def _prefill_shapes(model):
+    """Record [B, T] of every prefill (a cached forward from position 0) and every plain forward."""
+    shapes = []
+
+    def hook(module, args):
+        if len(args) == 1 or args[1] == 0:
+            shapes.append(tuple(args[0].shape))
+
+    model.register_forward_pre_hook(hook)
+    return shapes
+
+
+def test_token_budget_bounds_batches_and_changes_no_result(tiny_model, tok):
+    prompts = PROMPTS + ["two", "red green blue code def one river paris london"]
+    new = 5
+    gen = lambda budget: ev.generate(tiny_model, tok, prompts, new, batch_size=8, max_batch_tokens=budget)  # noqa: E731
+    free = gen(0)
+    longest = max(len(tok.encode(p, True, False)) for p in prompts)
+    budget = 2 * (longest + new)  # the two longest prompts and their new tokens fit exactly
+    shapes = _prefill_shapes(tiny_model)
+    assert gen(budget) == free
+    assert shapes[0][0] == 2 and sum(B for B, _ in shapes) == len(prompts)
+    for k, (B, P) in enumerate(shapes):
+        assert B * (P + new) <= budget  # the KV cache holds B x (P + new) positions
+        if k + 1 < len(shapes):  # ... and each batch is as large as the budget allows
+            assert (B + 1) * (P + new) > budget
+    shapes.clear()  # a budget below every prompt: each runs alone
+    assert gen(1) == free
+    assert [B for B, _ in shapes] == [1] * len(prompts)
+
+    seqs = [(tok.encode(p, True, False), 1) for p in prompts]
+    whole = ev.sequence_logprobs(tiny_model, seqs, batch_size=8, max_batch_tokens=0)
+    shapes.clear()
+    budget = 3 * max(len(ids) for ids, _ in seqs)
+    got = ev.sequence_logprobs(tiny_model, seqs, batch_size=8, max_batch_tokens=budget)
+    assert got == pytest.approx(whole, abs=1e-5)
+    assert [B for B, _ in shapes] == [3, 3]  # one batch of 6 without the budget
+    assert all(B * T <= budget for B, T in shapes)  # float32 logits B x T x vocab
+
+
+def test_generation_with_a_bf16_cache(tiny_args, tok):
+    model = _tiny_model(tiny_args).to(torch.bfloat16)
+    cache_dtypes, new_cache = [], model.new_cache
+    model.new_cache = lambda *a, **k: cache_dtypes.append(new_cache(*a, **k)) or cache_dtypes[-1]
+    expected = [tok.decode(_greedy_by_full_forwards(model, tok.encode(p, True, False), 7, tok.eos_id))
+                for p in PROMPTS]
+    assert ev.generate(model, tok, PROMPTS, max_new_tokens=7, batch_size=3) == expected
+    assert {c.k[0].dtype for c in cache_dtypes} == {torch.bfloat16}  # the parameters' dtype by default
+    x = torch.tensor([tok.encode(PROMPTS[1], True, False)])
+    with torch.no_grad():  # and bf16 really computes differently from float32
+        assert not torch.equal(model(x), _tiny_model(tiny_args)(x))
+
+
 def _logprob(model, ids, n):
     """log p of the last n tokens of ids, one full forward, summed token by token."""
     with torch.no_grad():
@@ -518,6 +599,128 @@ def test_two_ranks_fsdp_match_one_process(tiny_args, tok, spm_path, tmp_path):
     for f in files:
         assert r0["fp32"]["evals"][f] == pytest.approx(single["evals"][f], rel=1e-5)
     assert len(r0["bf16"]["gen"]) == 2
+
+
+def _gathered_worker(rank, world, init_file, out_dir, args_dict, spm_path):
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.tensor import DTensor
+
+    import data
+    from model import ModelArgs, Transformer
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    gathers = []  # FSDP2's parameter all-gathers (all_gather_single in torch 2.13)
+    for name in ("all_gather_single", "all_gather_into_tensor"):
+        setattr(dist, name, lambda *a, _f=getattr(dist, name), **k: gathers.append(1) or _f(*a, **k))
+    try:
+        tok = data.Tokenizer(spm_path)
+
+        def sharded(mp=MixedPrecisionPolicy()):
+            model = Transformer(ModelArgs(**args_dict))
+            model.init_weights(0)
+            for block in model.layers:
+                fully_shard(block, mp_policy=mp)
+            return fully_shard(model, mp_policy=mp)
+
+        def counted(fn):
+            n = len(gathers)
+            out = fn()
+            return out, len(gathers) - n
+
+        def train_step(model):  # gradients of one step, and the all-gathers it took
+            tokens = torch.tensor([[1, 5, 9, 13, 17, 21, 25], [1, 22, 18, 14, 10, 6, 2]])
+            logits = model(tokens)
+            F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten()).backward()
+            return torch.cat([p.grad.to_local().flatten() for p in model.parameters()])
+
+        def local_shapes(model):
+            return [tuple(p.to_local().shape) if isinstance(p, DTensor) else None
+                    for p in model.parameters()]
+
+        result = {}
+        model = sharded()
+        shapes = local_shapes(model)
+        result["gen"], result["gathers_2"] = counted(
+            lambda: ev.generate(model, tok, DIST_PROMPTS, 2, batch_size=2))
+        result["gen_budget"], result["gathers_6"] = counted(
+            lambda: ev.generate(model, tok, DIST_PROMPTS, 6, batch_size=8, max_batch_tokens=60))
+        result["sharded_after"] = local_shapes(model) == shapes and None not in shapes
+        with ev.gathered(model):
+            p = model.layers[0].attention.wq.weight
+            result["inside"] = [isinstance(p, DTensor), list(p.shape)]
+            with ev.gathered(model):  # nested: gathers nothing, and leaves the outer block gathered
+                pass
+            result["inside_after_nested"] = isinstance(model.layers[0].attention.wq.weight, DTensor)
+            result["nested_gathers"] = counted(lambda: ev.generate(model, tok, DIST_PROMPTS[:2], 3))[1]
+        try:
+            with ev.gathered(model):
+                raise KeyError("a bad eval file")
+        except KeyError:
+            result["sharded_after_error"] = local_shapes(model) == shapes
+        grads, result["step_gathers_after_eval"] = counted(lambda: train_step(model))
+        fresh = sharded()
+        fresh_grads, result["step_gathers"] = counted(lambda: train_step(fresh))
+        result["grads_equal"] = torch.equal(grads, fresh_grads)
+
+        bf16 = sharded(MixedPrecisionPolicy(param_dtype=torch.bfloat16))
+        caches, new_cache = [], bf16.new_cache
+        bf16.new_cache = lambda *a, **k: caches.append(new_cache(*a, **k)) or caches[-1]
+        result["bf16_default"] = ev.generate(bf16, tok, DIST_PROMPTS, 6, batch_size=2)
+        result["bf16_explicit"] = ev.generate(bf16, tok, DIST_PROMPTS, 6, batch_size=2,
+                                              dtype=torch.bfloat16)
+        result["bf16_caches"] = sorted({str(c.k[0].dtype) for c in caches})
+        with ev.gathered(bf16):  # full forwards, the same calls on every rank
+            result["bf16_param"] = str(bf16.output.weight.dtype)
+            result["bf16_full"] = [
+                tok.decode(_greedy_by_full_forwards(bf16, tok.encode(p, True, False), 6, tok.eos_id))
+                for p in DIST_PROMPTS]
+        with open(os.path.join(out_dir, f"gathered{rank}.json"), "w") as f:
+            json.dump(result, f)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    import train
+    train.hard_exit(0)
+
+
+def test_gathered_all_gathers_once_per_evaluation(tiny_args, tok, spm_path, tmp_path):
+    from dataclasses import asdict
+    model = _tiny_model(tiny_args)
+    single = {"gen": ev.generate(model, tok, DIST_PROMPTS, 2, batch_size=2),
+              "gen_budget": ev.generate(model, tok, DIST_PROMPTS, 6, batch_size=2)}
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_gathered_worker, args=(r, 2, str(tmp_path / "init"), str(tmp_path),
+                                                        asdict(tiny_args), spm_path)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            pytest.fail("a rank hung: ranks made different collective calls")
+        assert p.exitcode == 0
+    r0, r1 = (json.load(open(tmp_path / f"gathered{r}.json")) for r in range(2))
+    assert r0 == r1
+    groups = tiny_args.n_layers + 1  # a group per block, and the root's (embeddings, norm, output)
+    # One all-gather per parameter group per evaluation, however many tokens it generates
+    # (outside `gathered` every block is gathered again in every forward).
+    assert r0["gathers_2"] == r0["gathers_6"] == groups
+    # The budget makes batches [3], [1], [0, 2, 4] of DIST_PROMPTS: rank 1 runs a filler third.
+    assert r0["gen"] == single["gen"] and r0["gen_budget"] == single["gen_budget"]
+    assert r0["sharded_after"] and r0["sharded_after_error"]  # DTensors, local shapes as before
+    assert r0["inside"] == [False, [tiny_args.dim, tiny_args.dim]]
+    assert r0["inside_after_nested"] is False and r0["nested_gathers"] == 0
+    # Training after an evaluation: the same gradients, and the same all-gathers as a fresh model
+    # (blocks in forward and again in backward, the root once), so resharding was restored.
+    assert r0["grads_equal"]
+    assert r0["step_gathers_after_eval"] == r0["step_gathers"] == 2 * tiny_args.n_layers + 1
+    # Mixed precision: the cache is bf16 as attention computes, by default and when passed, and
+    # decoding through it equals the argmax of full bf16 forwards.
+    assert r0["bf16_caches"] == ["torch.bfloat16"] and r0["bf16_param"] == "torch.bfloat16"
+    assert r0["bf16_default"] == r0["bf16_explicit"] == r0["bf16_full"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -743,3 +946,18 @@ def test_cli_predictions_errors(tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             ev.main(["--data", *argv])
         assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_cli_max_batch_tokens(tiny_args, tok, spm_path, tmp_path, capsys):
+    import model as model_lib
+    m = _tiny_model(tiny_args)
+    model_dir = tmp_path / "tiny"
+    model_lib.save_model(m, str(model_dir))
+    qa = _write_jsonl(tmp_path / "probe.jsonl", [{"question": q, "answer": "x"} for q in ("where is paris", "one")])
+    out = tmp_path / "results.json"
+    common = ["--model", str(model_dir), "--tokenizer", spm_path, "--data", qa, "--max-new-tokens", "3"]
+    assert ev.main(common + ["--max-batch-tokens", "1", "--out", str(out)]) == 0  # one prompt a batch
+    preds = [p["prediction"] for p in json.loads(out.read_text())["results"][0]["predictions"]]
+    assert preds == ev.generate(m, tok, ["Q: where is paris\nA:", "Q: one\nA:"], 3)
+    assert ev.main(common + ["--max-batch-tokens", "-1"]) == 2
+    assert "max_batch_tokens must be >= 0" in capsys.readouterr().err

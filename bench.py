@@ -869,11 +869,12 @@ def plan(cfg: dict, world_size: int, gpu_memory_gib: float = 80.0) -> dict:
     t0 = time.process_time()
     notes = []
     mcfg = cfg["model"]
-    margs = llama.read_model_args(mcfg["path"], mcfg["max_seq_len"], mcfg["tokenizer"], log=notes.append)
+    margs = llama.read_model_args(mcfg["path"], mcfg["max_seq_len"], mcfg["tokenizer"],
+                                  log=notes.append)
     with torch.device("meta"):
         n_params = sum(p.numel() for p in Transformer(margs).parameters())
     if dist.is_initialized():
-        raise RuntimeError("bench.plan runs in a process without a process group (it makes a fake one)")
+        raise RuntimeError("bench.plan makes its own (fake) process group: call it without one")
     from torch.testing._internal.distributed.fake_pg import FakeStore  # registers the "fake" backend
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
     measured = {}
@@ -894,7 +895,8 @@ def plan(cfg: dict, world_size: int, gpu_memory_gib: float = 80.0) -> dict:
             "model": {"path": mcfg["path"], "params": n_params, "max_seq_len": margs.max_seq_len,
                       **{k: getattr(margs, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads",
                                                          "vocab_size", "ffn_hidden_dim")}},
-            "stages": stages, "assumptions": notes, "cpu_seconds": round(time.process_time() - t0, 1)}
+            "stages": stages, "assumptions": notes,
+            "cpu_seconds": round(time.process_time() - t0, 1)}
 
 
 def plan_settings(stage: dict, world: int) -> tuple[dict, int]:
@@ -903,8 +905,8 @@ def plan_settings(stage: dict, world: int) -> tuple[dict, int]:
     t["precision"] = "bf16" if t["precision"] == "auto" else t["precision"]
     share = world * t["micro_batch_size"]
     if t["batch_size"] % share:
-        raise train.ConfigError(f"stage '{stage['name']}': train.batch_size = {t['batch_size']} is not "
-                                f"a multiple of train.micro_batch_size x world size = {share}")
+        raise train.ConfigError(f"stage '{stage['name']}': train.batch_size = {t['batch_size']} is "
+                                f"not a multiple of train.micro_batch_size x world size = {share}")
     return t, t["batch_size"] // share
 
 
@@ -940,9 +942,10 @@ def plan_stage(cfg: dict, idx: int, stage: dict, margs: ModelArgs, world: int, g
     summary = mask["summary"]["total"]
     return {"name": stage["name"], "kind": stage["kind"], "trainable_params": summary["trainable"],
             "total_params": summary["total"], **m, "per_rank_bytes": per_rank,
-            "element_mask_bytes": element_mask, "needed_bytes": int(need), "fits": need <= gib * 2**30,
-            "micro_batch_size": t["micro_batch_size"], "accumulation": accum,
-            "seq_len": margs.max_seq_len, "compute_dtype": str(train.compute_dtype(t, torch.device("cpu")))[6:],
+            "element_mask_bytes": element_mask, "needed_bytes": int(need),
+            "fits": need <= gib * 2**30, "micro_batch_size": t["micro_batch_size"],
+            "accumulation": accum, "seq_len": margs.max_seq_len,
+            "compute_dtype": str(train.compute_dtype(t, torch.device("cpu")))[6:],
             **{k: t[k] for k in ("activation_checkpointing", "replicate", "replicate_frozen")},
             "granularity": h["granularity"], "data": plan_data(cfg, stage, world)}
 
@@ -1037,10 +1040,10 @@ def plan_data(cfg: dict, stage: dict, world: int) -> dict:
     documents into windows as data.load_examples does."""
     t, path, tok = stage["train_cfg"], stage["train"], cfg["model"]["tokenizer"]
     out = {"path": path, "examples": None, "examples_are": None, "steps": None, "tokens_max": None}
-    missing = [what for what, f in (("data file", path), ("tokenizer", tok)) if not os.path.isfile(f)]
+    missing = [f for f in (path, tok) if not os.path.isfile(f)]
     if missing:
-        out["why_unknown"] = " and ".join(f"no {what} at {f}" for what, f in
-                                          (("data file", path), ("tokenizer", tok)) if what in missing)
+        out.update(missing=missing, why_unknown=" and ".join(
+            f"no {what} at {f}" for what, f in (("data file", path), ("tokenizer", tok)) if f in missing))
         return out
     if stage["kind"] == "lm":
         seqs = data.load_examples(path, "lm", data.Tokenizer(tok), cfg["model"]["max_seq_len"],
@@ -1051,25 +1054,28 @@ def plan_data(cfg: dict, stage: dict, world: int) -> dict:
     steps = out["examples"] // t["batch_size"] * t["epochs"]
     steps = min(steps, t["max_steps"]) if t["max_steps"] else steps
     per_example = 2 if stage["kind"] == "dpo" else 1  # a preference pair is two sequences
-    out.update(steps=steps, tokens_max=steps * t["batch_size"] * per_example * cfg["model"]["max_seq_len"])
+    tokens = steps * t["batch_size"] * per_example * cfg["model"]["max_seq_len"]
+    out.update(steps=steps, tokens_max=tokens)
     return out
 
 
 def format_plan(out: dict) -> str:
     """The plan as a table for people (GiB per rank)."""
     m, gib = out["model"], out["gpu_memory_gib"]
-    lines = [f"plan: world size {out['world_size']}, {m['params'] / 1e9:.2f}B parameters (dim {m['dim']}, "
-             f"{m['n_layers']} layers, vocab {m['vocab_size']}), max_seq_len {m['max_seq_len']}; "
-             f"GiB per rank; fits = peak x {1 + HEADROOM_FRACTION:.2f} + {HEADROOM_GIB:g} GiB <= {gib:g} GiB"]
-    head = (f"{'stage':<14}{'kind':<5}{'trainable':>16}{'mb x acc':>9}{'params':>8}{'grads':>7}{'optim':>7}"
-            f"{'activ':>7}{'peak':>7}  {'peak in':<15}{'fits':<5}{'steps':>8}")
+    lines = [f"plan: world size {out['world_size']}, {m['params'] / 1e9:.2f}B parameters "
+             f"(dim {m['dim']}, {m['n_layers']} layers, vocab {m['vocab_size']}), max_seq_len "
+             f"{m['max_seq_len']}; GiB per rank; fits = peak x {1 + HEADROOM_FRACTION:.2f} + "
+             f"{HEADROOM_GIB:g} GiB <= {gib:g} GiB"]
+    head = (f"{'stage':<14}{'kind':<5}{'trainable':>16}{'mb x acc':>9}{'params':>8}{'grads':>7}"
+            f"{'optim':>7}{'activ':>7}{'peak':>7}  {'peak in':<15}{'fits':<5}{'steps':>8}")
     lines += [head, "-" * len(head)]
     for s in out["stages"]:
         b = {k: v / 2**30 for k, v in s["per_rank_bytes"].items()}
         steps = s["data"]["steps"]
         lines.append(f"{s['name'][:13]:<14}{s['kind']:<5}{s['trainable_params']:>16,}"
                      f"{s['micro_batch_size']:>5} x{s['accumulation']:<2}{b['parameters']:>8.2f}"
-                     f"{b['gradients']:>7.2f}{b['optimizer']:>7.2f}{b['activations']:>7.2f}{b['peak']:>7.2f}  "
+                     f"{b['gradients']:>7.2f}{b['optimizer']:>7.2f}{b['activations']:>7.2f}"
+                     f"{b['peak']:>7.2f}  "
                      f"{s['peak_phase']:<15}{'yes' if s['fits'] else 'NO':<5}"
                      f"{steps if steps is not None else '?':>8}")
     lines += [f"- {n}" for n in out["assumptions"]]
@@ -1077,8 +1083,12 @@ def format_plan(out: dict) -> str:
     if same:
         lines.append(f"- measured once for stages of the same settings and trainable sizes: "
                      f"{', '.join(same)} (their mask draws move the peak by about 1%)")
-    lines += [f"- stage '{s['name']}': steps unknown: {s['data']['why_unknown']}"
-              for s in out["stages"] if "why_unknown" in s["data"]]
+    unknown = [s for s in out["stages"] if "missing" in s["data"]]
+    if unknown:
+        missing = list(dict.fromkeys(f for s in unknown for f in s["data"]["missing"]))
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        lines.append(f"- steps unknown for {', '.join(s['name'] for s in unknown)}: missing "
+                     f"{', '.join(missing[:3])}{more} (the data files and the tokenizer count them)")
     lines.append(f"({out['cpu_seconds']:.1f} s of CPU time)")
     return "\n".join(lines)
 

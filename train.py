@@ -918,7 +918,8 @@ def main(argv=None):
     ap.add_argument("--plan", action="store_true", help="print what each GPU of a --world-size N "
                     "run holds per stage, whether it fits, and the steps; one CPU process (bench.plan)")
     ap.add_argument("--world-size", type=int, help="--plan: GPUs of the run")
-    ap.add_argument("--gpu-memory-gib", type=float, default=80.0, help="--plan: memory of one GPU")
+    ap.add_argument("--gpu-memory-gib", type=float, default=80.0,
+                    help="--plan: memory of one GPU (A100 80GB: 80, H100 80GB: 79.6)")
     ap.add_argument("--plan-json", help="--plan: also write the plan here as JSON")
     args, overrides = ap.parse_known_args(argv)
     try:

@@ -14,7 +14,7 @@ from conftest import ROOT
 
 import bench
 import train
-from model import ModelArgs, llama2_args, read_model_args
+from model import ModelArgs, Transformer, llama2_args, read_model_args
 
 GIB = 2**30
 # LLaMA-2's published config.json (meta-llama/Llama-2-{7b,13b}-hf); layers and length are set
@@ -43,7 +43,6 @@ def recipe(name, model_path, *overrides):
 
 
 def n_params(args: ModelArgs) -> int:
-    from model import Transformer
     with torch.device("meta"):
         return sum(p.numel() for p in Transformer(args).parameters())
 
@@ -100,7 +99,8 @@ def test_accumulation_holds_no_unsharded_gradients(shapes):
     (no-sync accumulation) would add all of them, 8 times as much."""
     path = shapes["7b"]
     one, many = (bench.plan(recipe("tulu_sft_7b_fft.toml", path, "--model.max_seq_len", "128",
-                                   "--train.batch_size", str(bs)), 8)["stages"][0] for bs in (16, 128))
+                                   "--train.batch_size", str(bs)), 8)["stages"][0]
+                 for bs in (16, 128))
     assert (one["accumulation"], many["accumulation"]) == (1, 8)
     assert many["simulated_micro_batches"] == 2
     sharded = many["per_rank_bytes"]["gradients"]
@@ -114,8 +114,9 @@ def test_activations_halve_with_the_sequence(shapes):
     acts = {}
     for seq in (512, 256):
         for ac in ("true", "false"):
-            st = bench.plan(recipe("tulu_sft_7b_fft.toml", shapes["7b"], "--model.max_seq_len", str(seq),
-                                   "--train.activation_checkpointing", ac), 8)["stages"][0]
+            cfg = recipe("tulu_sft_7b_fft.toml", shapes["7b"], "--model.max_seq_len", str(seq),
+                         "--train.activation_checkpointing", ac)
+            st = bench.plan(cfg, 8)["stages"][0]
             acts[seq, ac] = st["per_rank_bytes"]["activations"]
     for ac in ("true", "false"):
         assert acts[256, ac] / acts[512, ac] == pytest.approx(0.5, abs=0.01)
@@ -131,7 +132,6 @@ def test_tracker_matches_the_cpu_allocator_on_a_real_step(precision, checkpointi
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.profiler import ProfilerActivity, profile
     from torch.testing._internal.distributed.fake_pg import FakeStore
-    from model import Transformer
     args = ModelArgs(dim=256, n_layers=2, n_heads=4, vocab_size=1024, multiple_of=64, max_seq_len=256)
     t = dict(train.DEFAULTS["train"], precision=precision, activation_checkpointing=checkpointing)
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=8)
@@ -141,7 +141,8 @@ def test_tracker_matches_the_cpu_allocator_on_a_real_step(precision, checkpointi
             with torch.device("meta"):
                 model = Transformer(args)
             train.shard_model(model, t, torch.device("cpu"))
-            fake = FakeTensorMode(allow_non_fake_inputs=True) if mode == "fake" else torch.device("cpu")
+            fake = (FakeTensorMode(allow_non_fake_inputs=True) if mode == "fake"
+                    else torch.device("cpu"))
             with fake, bench.untracked_propagation():
                 opt = bench.materialize(model, t)
                 bench.init_moments(opt)
@@ -173,8 +174,9 @@ def test_model_args_from_params_json_alone(tmp_path, spm_path):
     import shutil
     meta = tmp_path / "meta"
     meta.mkdir()
-    (meta / "params.json").write_text(json.dumps({"dim": 4096, "multiple_of": 256, "n_heads": 32,
-                                                  "n_layers": 32, "norm_eps": 1e-05, "vocab_size": -1}))
+    params = {"dim": 4096, "multiple_of": 256, "n_heads": 32, "n_layers": 32, "norm_eps": 1e-05,
+              "vocab_size": -1}  # LLaMA-2-7B's params.json
+    (meta / "params.json").write_text(json.dumps(params))
     notes = []
     assert read_model_args(meta, log=notes.append) == llama2_args("7B", vocab_size=32000)
     assert "32000" in notes[0] and "no tokenizer" in notes[0]
@@ -189,8 +191,9 @@ def write_tiny(root, spm_path=None, n_records=40):
     import shutil
     model = root / "tiny"
     model.mkdir()
-    (model / "params.json").write_text(json.dumps({"dim": 64, "n_layers": 2, "n_heads": 4,
-                                                   "multiple_of": 32, "norm_eps": 1e-5, "vocab_size": -1}))
+    params = {"dim": 64, "n_layers": 2, "n_heads": 4, "multiple_of": 32, "norm_eps": 1e-5,
+              "vocab_size": -1}
+    (model / "params.json").write_text(json.dumps(params))
     if spm_path:
         shutil.copy(spm_path, model / "tokenizer.model")
     with open(root / "sft.jsonl", "w") as f:
@@ -271,7 +274,8 @@ def test_cli_errors_exit_2_naming_the_problem(tmp_path, capsys):
     assert "--world-size" in capsys.readouterr().err
     assert train.main(["--config", cfg, "--plan", "--world-size", "3"]) == 2  # 8 % 3
     assert "train.batch_size = 8" in capsys.readouterr().err
-    assert train.main(["--config", cfg, "--plan", "--world-size", "2", "--model.path", str(tmp_path)]) == 2
+    assert train.main(["--config", cfg, "--plan", "--world-size", "2",
+                       "--model.path", str(tmp_path)]) == 2
     assert "unknown checkpoint format" in capsys.readouterr().err
     import torch.distributed as dist
     assert not dist.is_initialized()  # the fake process group is gone after an error too
@@ -294,3 +298,26 @@ def test_gpu_recipes_say_cuda_and_bf16():
         if name.startswith(("tulu_", "trace_")):
             t = train.load_config(path)["train"]
             assert (t["device"], t["precision"]) == ("cuda", "bf16"), name
+
+
+def test_lm_steps_are_counted_exactly_and_element_masks_cost_their_bytes(tmp_path, spm_path):
+    import data
+    cfg = train.load_config(str(write_tiny(tmp_path, spm_path)), ["--hft.granularity", "parameter"])
+    text = tmp_path / "corpus.txt"
+    text.write_text("the river city was born in the year of the apple " * 60)
+    lm = dict(cfg["stages"][0], kind="lm", train=str(text))
+    got = bench.plan_data(cfg, lm, 4)
+    windows = len(data.load_examples(str(text), "lm", data.Tokenizer(spm_path), 64,
+                                     log=lambda *a: None))
+    assert got["examples"] == windows > 8 and got["steps"] == windows // 8 * 3
+    assert got["examples_are"].startswith("exact")
+    cfg["stages"] = [cfg["stages"][0]]
+    st = bench.plan(cfg, 4)["stages"][0]
+    with torch.device("meta"):
+        model = Transformer(read_model_args(cfg["model"]["path"]))
+    layers = sum(p.numel() for n, p in model.named_parameters() if n.startswith("layers."))
+    # Every layer tensor trains (a random half of its elements): FFT's gradients and moments,
+    # plus one bool per layer element, sharded.
+    assert st["element_mask_bytes"] == -(-layers // 4)
+    assert st["per_rank_bytes"]["gradients"] == pytest.approx(4 * st["total_params"] / 4, rel=0.01)
+    assert st["trainable_params"] < st["total_params"]

@@ -24,9 +24,11 @@ measured one. counted_gemm_flops checks the GEMM part against what torch actuall
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import gc
 import json
+import math
 import os
 import platform
 import re
@@ -38,7 +40,11 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.distributed._tools.fsdp2_mem_tracker import (_TOTAL_KEY, FSDPMemTracker, _FSDPRefType,
+                                                        _FSDPState)
 from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._sharding_prop import ShardingPropagator
 
 import data
 import hft
@@ -761,3 +767,343 @@ def profile(runs, batches, tcfg, device, steps=3, rows=24) -> dict:
 
 if __name__ == "__main__":
     train.hard_exit(main())  # exit without interpreter finalization (gloo teardown abort)
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan (train.py --plan): will a run fit, and how long is it. One CPU process, no GPU, no
+# weights: the trainer's own model, sharding, step and optimizer on fake tensors (shapes, no
+# data) under a fake process group of the run's world size, with every tensor's bytes tracked.
+
+# Beyond the tensors the step holds (peak): the CUDA context, cuBLAS/cuDNN workspaces and NCCL's
+# buffers (about 1 GiB each on an 8-GPU node: HEADROOM_GIB covers them) and the caching
+# allocator's fragmentation, which grows with what is allocated (HEADROOM_FRACTION of the peak).
+HEADROOM_FRACTION, HEADROOM_GIB = 0.10, 3.0
+
+
+class PlanTracker(FSDPMemTracker):
+    """torch's FSDP2 memory tracker (live bytes of every tensor storage, by kind, over the step),
+    fixed for a run under an outer FakeTensorMode and for accumulation:
+    - DTensor computes each op's output shape by running it at the *global* shape on fake tensors;
+      with our fake mode active it uses ours, so the tracker took those full-size shadow tensors for
+      real memory (a whole unsharded model during the foreach optimizer step). untracked_propagation
+      hides them;
+    - the root's forward runs once per micro-batch (FSDPMemTracker refuses a second one);
+    - the most activation bytes held at once, leaving out FSDP's all-gather buffers (tagged
+      "Activation" until the all-gather claims them), and the phase of the peak are kept;
+      per-module peaks are not.
+    Checked against the CPU allocator (torch.profiler's memory events) on a real run of the same
+    step at small shapes: equal to within 0.1% (tests/test_plan.py). What it cannot see is scratch
+    memory inside kernels (CPU bf16 GEMMs can add one fp32 output: 3% of a tiny model's peak)."""
+
+    propagating = False
+
+    def __init__(self, model, opt):
+        super().__init__(model, opt)
+        self.act_peak, self.peak_phase = 0, None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if PlanTracker.propagating and DTensor not in types:
+            return func(*args, **(kwargs or {}))
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+    def _update_peak_stats(self, peak_state):
+        # The whole step's peak only: the per-module peaks FSDPMemTracker keeps as well cost a
+        # walk over every module after every op (a third of the plan's time at 7B).
+        for dev, snap in self._curr_mem_snap.items():
+            if self._fsdp_state != _FSDPState.PRE_FW:  # FSDP's all-gather buffers pass as "ACT" there
+                self.act_peak = max(self.act_peak, snap[_FSDPRefType.ACT])
+            if snap[_TOTAL_KEY] > self._peak_mem.get(dev, 0):
+                self.peak_phase = ("optimizer step" if self._in_opt else
+                                   "backward" if self._mod_tracker.is_bw else "forward")
+                self._peak_mem[dev], self._peak_mem_snap[dev] = snap[_TOTAL_KEY], dict(snap)
+
+    def track_params(self, tensors):
+        """Parameters outside FSDP (train.replicate_frozen), which FSDPMemTracker does not see."""
+        for t in tensors:
+            self._update_and_maybe_create_winfos(t, _FSDPRefType.SHARDED_PARAM)
+
+    def __enter__(self):
+        super().__enter__()
+        # The root's forward starts each micro-batch: start the per-module statistics anew.
+        self._reset_hook = self._root_mod.register_forward_pre_hook(
+            lambda *a: self.reset_mod_stats(), prepend=True)
+        return self
+
+    def __exit__(self, *args):
+        self._reset_hook.remove()
+        super().__exit__(*args)
+
+    def now(self) -> dict:
+        snap = self.get_tracker_snapshot()
+        return next(iter(snap.values()), {})
+
+
+@contextlib.contextmanager
+def untracked_propagation():
+    orig = ShardingPropagator._propagate_tensor_meta_non_cached
+
+    def propagate(self, op_schema):
+        before, PlanTracker.propagating = PlanTracker.propagating, True
+        try:
+            return orig(self, op_schema)
+        finally:
+            PlanTracker.propagating = before
+
+    ShardingPropagator._propagate_tensor_meta_non_cached = propagate
+    try:
+        yield
+    finally:
+        ShardingPropagator._propagate_tensor_meta_non_cached = orig
+
+
+def plan(cfg: dict, world_size: int, gpu_memory_gib: float = 80.0) -> dict:
+    """What train.py would hold per rank at each stage of `cfg` on `world_size` GPUs, and whether
+    it fits `gpu_memory_gib` GiB. Shapes from params.json / config.json alone (model.read_model_args);
+    steps from the data files when they and the tokenizer are there. Runs the trainer's own code:
+    HFT mask (hft.make_mask, the stage's seed and index), train.shard_model (replicate/HSDP,
+    replicate_frozen, activation checkpointing), train.train_step on min(accumulation, 2)
+    micro-batches of full-length sequences (max_seq_len tokens, the worst case: later ones hold
+    what the second does) and AdamW as train.prepare_stage builds it, on fake CPU tensors in the
+    dtype a GPU run computes in (precision "auto" is bf16 there). Rank 0 is measured: with FSDP's
+    padding it holds the largest shards."""
+    t0 = time.process_time()
+    notes = []
+    mcfg = cfg["model"]
+    margs = llama.read_model_args(mcfg["path"], mcfg["max_seq_len"], mcfg["tokenizer"],
+                                  log=notes.append)
+    with torch.device("meta"):
+        n_params = sum(p.numel() for p in Transformer(margs).parameters())
+    if dist.is_initialized():
+        raise RuntimeError("bench.plan makes its own (fake) process group: call it without one")
+    from torch.testing._internal.distributed.fake_pg import FakeStore  # registers the "fake" backend
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+    measured = {}
+    try:
+        stages = [plan_stage(cfg, idx, stage, margs, world_size, gpu_memory_gib, measured)
+                  for idx, stage in enumerate(cfg["stages"])]
+    finally:
+        dist.destroy_process_group()
+    notes += [
+        f"memory: rank 0, one step of full-length sequences ({mcfg['max_seq_len']} tokens), "
+        "simulated on fake CPU tensors; GPU kernels differ a little (attention's saved statistics, "
+        "workspaces, 512-byte allocation rounding)",
+        f"fits: peak x {1 + HEADROOM_FRACTION:.2f} + {HEADROOM_GIB:g} GiB <= {gpu_memory_gib:g} GiB "
+        f"(CUDA context, NCCL buffers, allocator fragmentation)",
+        "steps: records counted in the data file (an upper bound: loading drops examples that "
+        "truncation leaves without a target token); lm stages are tokenized exactly"]
+    return {"world_size": world_size, "gpu_memory_gib": gpu_memory_gib,
+            "model": {"path": mcfg["path"], "params": n_params, "max_seq_len": margs.max_seq_len,
+                      **{k: getattr(margs, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads",
+                                                         "vocab_size", "ffn_hidden_dim")}},
+            "stages": stages, "assumptions": notes,
+            "cpu_seconds": round(time.process_time() - t0, 1)}
+
+
+def plan_settings(stage: dict, world: int) -> tuple[dict, int]:
+    """The stage's [train] settings as a GPU run resolves them, and its micro-batches per step."""
+    t = dict(stage["train_cfg"])
+    t["precision"] = "bf16" if t["precision"] == "auto" else t["precision"]
+    share = world * t["micro_batch_size"]
+    if t["batch_size"] % share:
+        raise train.ConfigError(f"stage '{stage['name']}': train.batch_size = {t['batch_size']} is "
+                                f"not a multiple of train.micro_batch_size x world size = {share}")
+    return t, t["batch_size"] // share
+
+
+# The [train] settings a step's memory depends on (besides the micro-batches per step).
+MEMORY_KEYS = ("micro_batch_size", "activation_checkpointing", "replicate", "replicate_frozen",
+               "precision")
+
+
+def plan_stage(cfg: dict, idx: int, stage: dict, margs: ModelArgs, world: int, gib: float,
+               measured: dict) -> dict:
+    """One stage of the plan. A stage whose settings and trainable sizes (per HFT category)
+    equal an earlier stage's reuses its measurement (`measured`), as TRACE's eight tasks do: only
+    which tensors of a layer train differs between them, which moves the peak by about 1% (seven
+    TRACE draws at 7B: 11.72 to 11.88 GiB) and the rest not at all."""
+    t, accum = plan_settings(stage, world)
+    h = stage["hft"]
+    with torch.device("meta"):
+        model = Transformer(margs)
+    mask = hft.make_mask(model, h["granularity"], h["ratio"], cfg["seed"], idx, h["train_embeddings"])
+    key = json.dumps([stage["kind"], accum, mask["summary"], h, [t[k] for k in MEMORY_KEYS]])
+    if key not in measured:
+        hft.apply_mask(model, set(mask["trainable"]))  # before sharding, as train.build_model does
+        measured[key] = dict(measure_stage(model, t, stage["kind"], margs.max_seq_len, accum),
+                             measured_in=stage["name"])
+    m = measured[key]
+    per_rank = dict(m["per_rank_bytes"])
+    element_mask = 0
+    if h["granularity"] == "parameter":  # hft.ElementMask: a bool per layer element, sharded
+        element_mask = math.ceil(sum(p.numel() for n, p in model.named_parameters()
+                                     if n.startswith("layers.")) / (world // t["replicate"]))
+        per_rank["peak"] += element_mask
+    need = per_rank["peak"] * (1 + HEADROOM_FRACTION) + HEADROOM_GIB * 2**30
+    summary = mask["summary"]["total"]
+    return {"name": stage["name"], "kind": stage["kind"], "trainable_params": summary["trainable"],
+            "total_params": summary["total"], **m, "per_rank_bytes": per_rank,
+            "element_mask_bytes": element_mask, "needed_bytes": int(need),
+            "fits": need <= gib * 2**30, "micro_batch_size": t["micro_batch_size"],
+            "accumulation": accum, "seq_len": margs.max_seq_len,
+            "compute_dtype": str(train.compute_dtype(t, torch.device("cpu")))[6:],
+            **{k: t[k] for k in ("activation_checkpointing", "replicate", "replicate_frozen")},
+            "granularity": h["granularity"], "data": plan_data(cfg, stage, world)}
+
+
+def measure_stage(model: Transformer, t: dict, kind: str, seq: int, accum: int) -> dict:
+    """Shard the masked meta model, then one tracked step on fake tensors (see plan)."""
+    train.shard_model(model, t, torch.device("cpu"))  # outside FakeTensorMode: it builds the mesh
+    with FakeTensorMode(allow_non_fake_inputs=True), untracked_propagation():
+        opt = materialize(model, t)
+        init_moments(opt)
+        mbs, refs = plan_batches(kind, t["micro_batch_size"], seq, min(accum, 2))
+        m = track_step(model, opt, t, kind, mbs, refs)
+    del opt
+    gc.collect()  # the FSDP modules of the model sit in reference cycles
+    return {"per_rank_bytes": {k: m[k] for k in ("parameters", "gradients", "optimizer",
+                                                 "activations", "peak")},
+            "peak_breakdown_bytes": m["breakdown"], "peak_phase": m["phase"],
+            "simulated_micro_batches": len(mbs)}
+
+
+def materialize(model: Transformer, t: dict):
+    """Storage for the sharded meta model, as train.build_model makes it (frozen tensors that
+    replicate_frozen keeps out of FSDP: whole, in the compute dtype), and the AdamW that
+    train.prepare_stage builds. Under FakeTensorMode the storage is only shapes."""
+    model.to_empty(device="cpu")
+    model.init_buffers()
+    cdtype = train.compute_dtype(t, torch.device("cpu"))
+    for p in model.parameters():
+        if not isinstance(p, DTensor):
+            p.data = p.data.to(cdtype)
+    return torch.optim.AdamW(hft.param_groups(model, t["weight_decay"]), lr=t["lr"],
+                             betas=tuple(t["betas"]), foreach=True)
+
+
+def init_moments(opt):
+    """AdamW's moments exist from the first step on: make them (a step on zero gradients), so a
+    step measured after this holds them through its forward and backward as every later step does."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def track_step(model, opt, t: dict, kind: str, mbs: list, refs: list) -> dict:
+    """One training step (train.train_step over `mbs`, AdamW.step, zero_grad) under PlanTracker:
+    this rank's bytes of sharded parameters, gradients (after the last micro-batch), optimizer
+    state (after the step), the most activation bytes held at once, the peak of everything live,
+    and the peak's composition and phase. `start`: bytes live before the step."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    tracker = PlanTracker(model, opt)
+    tracker.track_params(p for p in model.parameters() if not isinstance(p, DTensor))
+    tracker.track_inputs((mbs, refs))
+    with tracker:
+        start = tracker.now()[_TOTAL_KEY]
+        train.train_step(model, trainable, mbs, kind, refs, 1.0, t, None, torch.device("cpu"))
+        grads = tracker.now()[_FSDPRefType.SHARDED_GRAD]
+        opt.step()
+        after = tracker.now()
+        opt.zero_grad(set_to_none=True)
+    peak = next(iter(tracker.get_tracker_snapshot("peak").values()))
+    return {"parameters": after[_FSDPRefType.SHARDED_PARAM], "gradients": grads,
+            "optimizer": after[_FSDPRefType.OPT], "activations": tracker.act_peak,
+            "peak": peak[_TOTAL_KEY], "start": start, "phase": tracker.peak_phase,
+            "breakdown": {k.name.lower(): v for k, v in peak.items() if k != _TOTAL_KEY and v}}
+
+
+def plan_batches(kind: str, mb: int, seq: int, n: int) -> tuple[list, list]:
+    """n micro-batches of mb full-length sequences (pairs for dpo, with reference log-probs)."""
+    def seqs():
+        return torch.zeros(mb, seq, dtype=torch.long), torch.zeros(mb, seq, dtype=torch.long)
+    if kind != "dpo":
+        return [dict(zip(("input_ids", "labels"), seqs())) for _ in range(n)], [None] * n
+    mbs = [dict(zip(("chosen_input_ids", "chosen_labels"), seqs()),
+                **dict(zip(("rejected_input_ids", "rejected_labels"), seqs()))) for _ in range(n)]
+    return mbs, [torch.zeros(mb, 2) for _ in range(n)]
+
+
+def count_records(path: str) -> int:
+    """Records of a data file as data.read_records counts them; a .jsonl file is only split into
+    lines, not parsed (Tulu V2: 326k conversations in about a second)."""
+    if path.lower().endswith(".jsonl"):
+        with open(path, "rb") as f:
+            return sum(1 for line in f if line.strip())
+    return len(data.read_records(path))
+
+
+def plan_data(cfg: dict, stage: dict, world: int) -> dict:
+    """Optimizer steps of the stage, when its data file and the tokenizer are both there.
+    sft/dpo: from the number of records, an upper bound (tokenizing Tulu V2 takes minutes; the
+    loader drops what truncation leaves without a target token). lm: exact, from tokenizing the
+    documents into windows as data.load_examples does."""
+    t, path, tok = stage["train_cfg"], stage["train"], cfg["model"]["tokenizer"]
+    out = {"path": path, "examples": None, "examples_are": None, "steps": None, "tokens_max": None}
+    missing = [f for f in (path, tok) if not os.path.isfile(f)]
+    if missing:
+        out.update(missing=missing, why_unknown=" and ".join(
+            f"no {what} at {f}" for what, f in (("data file", path), ("tokenizer", tok)) if f in missing))
+        return out
+    if stage["kind"] == "lm":
+        seqs = data.load_examples(path, "lm", data.Tokenizer(tok), cfg["model"]["max_seq_len"],
+                                  log=lambda *a, **k: None)
+        out.update(examples=len(seqs), examples_are="exact (tokenized windows)")
+    else:
+        out.update(examples=count_records(path), examples_are="records (an upper bound)")
+    steps = out["examples"] // t["batch_size"] * t["epochs"]
+    steps = min(steps, t["max_steps"]) if t["max_steps"] else steps
+    per_example = 2 if stage["kind"] == "dpo" else 1  # a preference pair is two sequences
+    tokens = steps * t["batch_size"] * per_example * cfg["model"]["max_seq_len"]
+    out.update(steps=steps, tokens_max=tokens)
+    return out
+
+
+def format_plan(out: dict) -> str:
+    """The plan as a table for people (GiB per rank)."""
+    m, gib = out["model"], out["gpu_memory_gib"]
+    lines = [f"plan: world size {out['world_size']}, {m['params'] / 1e9:.2f}B parameters "
+             f"(dim {m['dim']}, {m['n_layers']} layers, vocab {m['vocab_size']}), max_seq_len "
+             f"{m['max_seq_len']}; GiB per rank; fits = peak x {1 + HEADROOM_FRACTION:.2f} + "
+             f"{HEADROOM_GIB:g} GiB <= {gib:g} GiB"]
+    head = (f"{'stage':<14}{'kind':<5}{'trainable':>16}{'mb x acc':>9}{'params':>8}{'grads':>7}"
+            f"{'optim':>7}{'activ':>7}{'peak':>7}  {'peak in':<15}{'fits':<5}{'steps':>8}")
+    lines += [head, "-" * len(head)]
+    for s in out["stages"]:
+        b = {k: v / 2**30 for k, v in s["per_rank_bytes"].items()}
+        steps = s["data"]["steps"]
+        lines.append(f"{s['name'][:13]:<14}{s['kind']:<5}{s['trainable_params']:>16,}"
+                     f"{s['micro_batch_size']:>5} x{s['accumulation']:<2}{b['parameters']:>8.2f}"
+                     f"{b['gradients']:>7.2f}{b['optimizer']:>7.2f}{b['activations']:>7.2f}"
+                     f"{b['peak']:>7.2f}  "
+                     f"{s['peak_phase']:<15}{'yes' if s['fits'] else 'NO':<5}"
+                     f"{steps if steps is not None else '?':>8}")
+    lines += [f"- {n}" for n in out["assumptions"]]
+    same = [s["name"] for s in out["stages"] if s["measured_in"] != s["name"]]
+    if same:
+        lines.append(f"- measured once for stages of the same settings and trainable sizes: "
+                     f"{', '.join(same)} (their mask draws move the peak by about 1%)")
+    unknown = [s for s in out["stages"] if "missing" in s["data"]]
+    if unknown:
+        missing = list(dict.fromkeys(f for s in unknown for f in s["data"]["missing"]))
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        lines.append(f"- steps unknown for {', '.join(s['name'] for s in unknown)}: missing "
+                     f"{', '.join(missing[:3])}{more} (the data files and the tokenizer count them)")
+    lines.append(f"({out['cpu_seconds']:.1f} s of CPU time)")
+    return "\n".join(lines)
+
+
+def plan_main(cfg: dict, world_size, gpu_memory_gib: float, json_path=None) -> int:
+    """train.py --plan: print the table, write the JSON (atomically) when asked; 2 on bad input."""
+    if not world_size or world_size < 1:
+        print("error: --plan needs --world-size N (the number of GPUs of the run)", file=sys.stderr)
+        return 2
+    try:
+        out = plan(cfg, world_size, gpu_memory_gib)
+    except (train.ConfigError, llama.CheckpointError, data.DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_plan(out))
+    if json_path:
+        train.write_json(json_path, out)
+    return 0

@@ -404,6 +404,76 @@ def args_from_hf_config(cfg: dict, file: Path, max_seq_len: Optional[int] = None
         raise CheckpointError(f"{file}: {e}") from None
 
 
+def checkpoint_format(path: Path) -> str:
+    """"meta" (params.json) or "hf" (config.json): what the directory's JSON file says; weight
+    files are not looked at. CheckpointError naming what is there when neither is."""
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    if (path / "params.json").exists():
+        return "meta"
+    if (path / "config.json").exists():
+        return "hf"
+    if any(path.glob("consolidated.*.pth")):
+        raise CheckpointError(f"{path}: consolidated.*.pth found but params.json is missing "
+                              f"(Meta's checkpoints ship it beside the weights)")
+    if any(path.glob("*.safetensors")):
+        raise CheckpointError(f"{path}: *.safetensors found but config.json is missing")
+    found = sorted(p.name for p in path.iterdir())[:10]
+    raise CheckpointError(f"{path}: unknown checkpoint format: expected params.json + "
+                          f"consolidated.*.pth (Meta) or config.json + *.safetensors (HF); "
+                          f"found {found or 'nothing'}")
+
+
+def _read_params(params_file: Path, max_seq_len: Optional[int]) -> dict:
+    """Meta's params.json with max_seq_len added; vocab_size -1 (or absent) is left to the caller."""
+    params = _read_json(params_file)
+    for key in ("dim", "n_layers", "n_heads"):
+        if key not in params:
+            raise CheckpointError(f"{params_file}: missing '{key}'")
+    # max_seq_len is not in params.json; LLaMA-2's is 4096.
+    return dict(params, max_seq_len=max_seq_len or 4096, vocab_size=params.get("vocab_size", -1))
+
+
+def _args_from_params(params: dict, params_file: Path) -> ModelArgs:
+    try:
+        return ModelArgs.from_dict(params)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{params_file}: {e}") from None
+
+
+LLAMA2_VOCAB = 32000  # pieces in LLaMA-2's tokenizer.model
+
+
+def read_model_args(path, max_seq_len: Optional[int] = None, tokenizer=None, log=None) -> ModelArgs:
+    """The model's shapes from params.json (Meta) or config.json (HF) alone: no weight file is
+    opened, so a directory holding only that file is enough (train.py --plan needs no weights).
+
+    Meta's vocab_size -1 means "as many as the tokenizer has pieces" (the embedding decides when
+    CheckpointReader opens the weights): the SentencePiece model at `tokenizer` (default
+    <path>/tokenizer.model) when it exists, else LLaMA-2's 32000. `log` is told which."""
+    path = Path(path)
+    if checkpoint_format(path) == "hf":
+        config_file = path / "config.json"
+        return args_from_hf_config(_read_json(config_file), config_file, max_seq_len)
+    params_file = path / "params.json"
+    params = _read_params(params_file, max_seq_len)
+    if params["vocab_size"] == -1:
+        tok = Path(tokenizer) if tokenizer else path / "tokenizer.model"
+        if tok.is_file():
+            import sentencepiece as spm
+            try:
+                params["vocab_size"] = spm.SentencePieceProcessor(model_file=str(tok)).vocab_size()
+            except Exception as e:
+                raise CheckpointError(f"{tok}: not a SentencePiece model: {e}") from None
+            how = f"the {params['vocab_size']} pieces of {tok}"
+        else:
+            params["vocab_size"] = LLAMA2_VOCAB
+            how = f"{LLAMA2_VOCAB}, LLaMA-2's tokenizer (no tokenizer at {tok})"
+        if log:
+            log(f"{params_file}: vocab_size -1, taken as {how}")
+    return _args_from_params(params, params_file)
+
+
 class CheckpointReader:
     """Lazy, tensor-by-tensor access to a Meta or HF checkpoint directory, in Meta names.
 
@@ -415,24 +485,11 @@ class CheckpointReader:
 
     def __init__(self, path, max_seq_len: Optional[int] = None):
         self.path = Path(path)
-        if not self.path.is_dir():
-            raise CheckpointError(f"{self.path}: no such checkpoint directory")
-        if (self.path / "params.json").exists():
-            self.format = "meta"
+        self.format = checkpoint_format(self.path)
+        if self.format == "meta":
             self._open_meta(max_seq_len)
-        elif (self.path / "config.json").exists():
-            self.format = "hf"
-            self._open_hf(max_seq_len)
-        elif any(self.path.glob("consolidated.*.pth")):
-            raise CheckpointError(f"{self.path}: consolidated.*.pth found but params.json is missing "
-                                  f"(Meta's checkpoints ship it beside the weights)")
-        elif any(self.path.glob("*.safetensors")):
-            raise CheckpointError(f"{self.path}: *.safetensors found but config.json is missing")
         else:
-            found = sorted(p.name for p in self.path.iterdir())[:10]
-            raise CheckpointError(f"{self.path}: unknown checkpoint format: expected params.json + "
-                                  f"consolidated.*.pth (Meta) or config.json + *.safetensors (HF); "
-                                  f"found {found or 'nothing'}")
+            self._open_hf(max_seq_len)
         self._check_tokenizer()
 
     def _open_meta(self, max_seq_len):
@@ -450,22 +507,15 @@ class CheckpointReader:
         self.files = sorted(files, key=lambda f: int(f.name.split(".")[1]))
         self._shards = [_torch_load(f) for f in self.files]
         params_file = self.path / "params.json"
-        params = _read_json(params_file)
-        for key in ("dim", "n_layers", "n_heads"):
-            if key not in params:
-                raise CheckpointError(f"{params_file}: missing '{key}'")
-        params = dict(params, max_seq_len=max_seq_len or 4096)  # not in params.json; LLaMA-2 is 4096
-        if params.get("vocab_size", -1) == -1:
+        params = _read_params(params_file, max_seq_len)
+        if params["vocab_size"] == -1:
             # -1 means "from the tokenizer"; the embedding holds the full vocab on every shard.
             emb = self._shards[0].get("tok_embeddings.weight")
             if emb is None:
                 raise CheckpointError(f"{self.files[0]}: vocab_size is -1 in params.json and "
                                       f"tok_embeddings.weight is missing")
             params["vocab_size"] = emb.shape[0]
-        try:
-            self.args = ModelArgs.from_dict(params)
-        except (TypeError, ValueError) as e:
-            raise CheckpointError(f"{params_file}: {e}") from None
+        self.args = _args_from_params(params, params_file)
 
     def _open_hf(self, max_seq_len):
         from safetensors import safe_open  # only HF checkpoints need the package

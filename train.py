@@ -1065,12 +1065,21 @@ def print_summary(stats):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="TOML file (see configs/)")
+    ap.add_argument("--plan", action="store_true", help="print what each GPU of a --world-size N "
+                    "run holds per stage, whether it fits, and the steps; one CPU process (bench.plan)")
+    ap.add_argument("--world-size", type=int, help="--plan: GPUs of the run")
+    ap.add_argument("--gpu-memory-gib", type=float, default=80.0,
+                    help="--plan: memory of one GPU (A100 80GB: 80, H100 80GB: 79.6)")
+    ap.add_argument("--plan-json", help="--plan: also write the plan here as JSON")
     args, overrides = ap.parse_known_args(argv)
     try:
         cfg = load_config(args.config, overrides)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.plan:
+        import bench  # the memory and speed measurements
+        return bench.plan_main(cfg, args.world_size, args.gpu_memory_gib, args.plan_json)
     try:
         run(cfg)
     except Preempted as e:

@@ -48,6 +48,7 @@ from torch.distributed.tensor._sharding_prop import ShardingPropagator
 
 import data
 import hft
+import checkpoint
 import model as llama
 import train
 from model import ModelArgs, Transformer
@@ -858,7 +859,7 @@ def untracked_propagation():
 
 def plan(cfg: dict, world_size: int, gpu_memory_gib: float = 80.0) -> dict:
     """What train.py would hold per rank at each stage of `cfg` on `world_size` GPUs, and whether
-    it fits `gpu_memory_gib` GiB. Shapes from params.json / config.json alone (model.read_model_args);
+    it fits `gpu_memory_gib` GiB. Shapes from params.json / config.json alone (checkpoint.read_model_args);
     steps from the data files when they and the tokenizer are there. Runs the trainer's own code:
     HFT mask (hft.make_mask, the stage's seed and index), train.shard_model (replicate/HSDP,
     replicate_frozen, activation checkpointing), train.train_step on min(accumulation, 2)
@@ -869,7 +870,7 @@ def plan(cfg: dict, world_size: int, gpu_memory_gib: float = 80.0) -> dict:
     t0 = time.process_time()
     notes = []
     mcfg = cfg["model"]
-    margs = llama.read_model_args(mcfg["path"], mcfg["max_seq_len"], mcfg["tokenizer"],
+    margs = checkpoint.read_model_args(mcfg["path"], mcfg["max_seq_len"], mcfg["tokenizer"],
                                   log=notes.append)
     with torch.device("meta"):
         n_params = sum(p.numel() for p in Transformer(margs).parameters())
@@ -1100,7 +1101,7 @@ def plan_main(cfg: dict, world_size, gpu_memory_gib: float, json_path=None) -> i
         return 2
     try:
         out = plan(cfg, world_size, gpu_memory_gib)
-    except (train.ConfigError, llama.CheckpointError, data.DataError) as e:
+    except (train.ConfigError, checkpoint.CheckpointError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_plan(out))

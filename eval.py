@@ -931,7 +931,7 @@ def _print_results(results: list[dict]):
 def _parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = ap.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", help="model directory (Meta or HF format, see model.load_model)")
+    source.add_argument("--model", help="model directory (Meta or HF format, see checkpoint.load_model)")
     source.add_argument("--predictions", help="score these predictions, made elsewhere, against the one "
                         "--data file without a model: JSON Lines of {\"prediction\": ...} in record "
                         "order, or a JSON list of strings")
@@ -944,7 +944,7 @@ def _parse_args(argv):
     ap.add_argument("--out", help="write results (with per-example predictions) to this JSON file")
     ap.add_argument("--tokenizer", help="SentencePiece model (default: MODEL/tokenizer.model)")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), help="default: bfloat16 on GPU, float32 on CPU")
-    ap.add_argument("--max-seq-len", type=int, help="context length (default: the checkpoint's, see model.load_model)")
+    ap.add_argument("--max-seq-len", type=int, help="context length (default: the checkpoint's, see checkpoint.load_model)")
     args = ap.parse_args(argv)
     if args.predictions and len(args.data) != 1:
         ap.error(f"--predictions scores exactly one --data file, got {len(args.data)}")
@@ -970,7 +970,7 @@ def main(argv=None) -> int:
         return _main_predictions(args)
 
     import data
-    import model as model_lib
+    import checkpoint
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         # torchrun: each rank holds a full copy of the model and evaluates its share of examples.
         if torch.cuda.is_available():
@@ -983,7 +983,7 @@ def main(argv=None) -> int:
     tok_path = args.tokenizer or os.path.join(args.model, "tokenizer.model")
     try:
         tokenizer = data.Tokenizer(tok_path)
-        model = model_lib.load_model(args.model, dtype=dtype, device=device, max_seq_len=args.max_seq_len)
+        model = checkpoint.load_model(args.model, dtype=dtype, device=device, max_seq_len=args.max_seq_len)
         results = [evaluate_file(model, tokenizer, f, metric=args.metric, max_new_tokens=args.max_new_tokens,
                                  batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens)
                    for f in args.data]

@@ -370,7 +370,8 @@ def reset_half(base, tuned, out, ratio: float = 0.5, seed: int = 0, granularity:
     tokenizer and reset.json (the reset names and a summary). Returns reset.json's contents.
     """
     from tqdm import tqdm
-    from model import CheckpointError, CheckpointReader, Transformer, save_checkpoint
+    from checkpoint import CheckpointError, CheckpointReader, save_checkpoint
+    from model import Transformer
     if granularity not in RESET_GRANULARITIES:
         raise ValueError(f"reset: granularity {granularity!r}: expected one of "
                          f"{', '.join(RESET_GRANULARITIES)}")

@@ -42,7 +42,8 @@ from tqdm import tqdm
 
 import data
 import hft
-from model import CheckpointReader, Transformer, save_checkpoint
+from checkpoint import CheckpointReader, save_checkpoint
+from model import Transformer
 
 # ---------------------------------------------------------------------------------------------
 # Config: TOML with these keys (and their defaults); command-line overrides `--section.key value`.

@@ -129,7 +129,8 @@ def build_base(a, files: list[str]) -> str:
         shutil.rmtree(BASE, ignore_errors=True)
 
         import torch
-        from model import ModelArgs, Transformer, save_model
+        from checkpoint import save_model
+        from model import ModelArgs, Transformer
         t0 = time.time()
         train_tokenizer(files[0], a.vocab_size)
         # max_seq_len is the config's [model] max_seq_len: Meta's params.json does not store it.

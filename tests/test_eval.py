@@ -769,12 +769,10 @@ def test_write_report_two_stages(tmp_path):
 def test_cli_on_a_saved_tiny_model(tiny_args, tok, spm_path, tmp_path, capsys):
     import shutil
 
-    import model as model_lib
-    if not hasattr(model_lib, "save_model"):
-        pytest.skip("model.save_model does not exist yet, so the CLI cannot load a saved tiny model")
+    import checkpoint
     m = _tiny_model(tiny_args)
     model_dir = tmp_path / "tiny"
-    model_lib.save_model(m, str(model_dir))
+    checkpoint.save_model(m, str(model_dir))
     shutil.copy(spm_path, model_dir / "tokenizer.model")
     qa = _write_jsonl(tmp_path / "probe.jsonl", [{"question": "where is paris", "answer": "london"}])
     out = tmp_path / "results.json"
@@ -787,11 +785,9 @@ def test_cli_on_a_saved_tiny_model(tiny_args, tok, spm_path, tmp_path, capsys):
 
 
 def test_cli_reports_a_bad_file_and_fails(tiny_args, spm_path, tmp_path, capsys):
-    import model as model_lib
-    if not hasattr(model_lib, "save_model"):
-        pytest.skip("model.save_model does not exist yet, so the CLI cannot load a saved tiny model")
+    import checkpoint
     model_dir = tmp_path / "tiny"
-    model_lib.save_model(_tiny_model(tiny_args), str(model_dir))
+    checkpoint.save_model(_tiny_model(tiny_args), str(model_dir))
     missing = str(tmp_path / "nope.jsonl")
     assert ev.main(["--model", str(model_dir), "--tokenizer", spm_path, "--data", missing]) == 2
     assert "nope.jsonl" in capsys.readouterr().err
@@ -949,10 +945,10 @@ def test_cli_predictions_errors(tmp_path, capsys):
 
 
 def test_cli_max_batch_tokens(tiny_args, tok, spm_path, tmp_path, capsys):
-    import model as model_lib
+    import checkpoint
     m = _tiny_model(tiny_args)
     model_dir = tmp_path / "tiny"
-    model_lib.save_model(m, str(model_dir))
+    checkpoint.save_model(m, str(model_dir))
     qa = _write_jsonl(tmp_path / "probe.jsonl", [{"question": q, "answer": "x"} for q in ("where is paris", "one")])
     out = tmp_path / "results.json"
     common = ["--model", str(model_dir), "--tokenizer", spm_path, "--data", qa, "--max-new-tokens", "3"]

@@ -327,7 +327,7 @@ def test_element_mask_shards_match_the_full_mask(tmp_path):
 
 def two_checkpoints(tmp_path, tiny_args, spm_path, base_fmt, tuned_fmt, dtype=None):
     """A base and a 'tuned' model whose every tensor differs, written in the given formats."""
-    from model import save_model
+    from checkpoint import save_model
     for seed, name, fmt in ((1, "base", base_fmt), (2, "tuned", tuned_fmt)):
         m = tiny_model(tiny_args, seed)
         with torch.no_grad():
@@ -339,7 +339,7 @@ def two_checkpoints(tmp_path, tiny_args, spm_path, base_fmt, tuned_fmt, dtype=No
 
 def assert_reset(out, base, tuned, reset):
     """Every tensor of `out` equals base's bitwise if it is in `reset`, else tuned's."""
-    from model import CheckpointReader
+    from checkpoint import CheckpointReader
     o, b, t = CheckpointReader(out), CheckpointReader(base), CheckpointReader(tuned)
     o.validate()
     assert o.keys() == t.keys()
@@ -395,7 +395,7 @@ def test_reset_cli(tmp_path, tiny_args, spm_path):
 
 def test_reset_shape_mismatch_names_the_tensor_and_both_shapes(tmp_path, tiny_args, capsys):
     import dataclasses
-    from model import save_model
+    from checkpoint import save_model
     save_model(tiny_model(tiny_args), tmp_path / "base")
     save_model(tiny_model(dataclasses.replace(tiny_args, vocab_size=330)), tmp_path / "tuned", "hf")
     with pytest.raises(ValueError, match=r"tok_embeddings\.weight: \S*base has \[320, 64\], "

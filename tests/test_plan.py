@@ -14,7 +14,8 @@ from conftest import ROOT
 
 import bench
 import train
-from model import ModelArgs, Transformer, llama2_args, read_model_args
+from checkpoint import read_model_args
+from model import ModelArgs, Transformer, llama2_args
 
 GIB = 2**30
 # LLaMA-2's published config.json (meta-llama/Llama-2-{7b,13b}-hf); layers and length are set

@@ -39,7 +39,8 @@ def load_weights(stage_dir):
 def world(tmp_path_factory, spm_path):
     """A tiny Meta-format base checkpoint and data files in the published layouts."""
     import shutil
-    from model import ModelArgs, Transformer, save_model
+    from checkpoint import save_model
+    from model import ModelArgs, Transformer
     root = tmp_path_factory.mktemp("train")
     args = ModelArgs(dim=64, n_layers=4, n_heads=4, vocab_size=320, multiple_of=32, max_seq_len=64)
     m = Transformer(args)
@@ -320,7 +321,8 @@ def test_activation_checkpointing_and_hsdp_match_plain_fsdp(world, hft2):
 
 def test_parameter_granularity_keeps_frozen_elements_and_exports_hf(world):
     import hft
-    from model import Transformer, load_model
+    from checkpoint import load_model
+    from model import Transformer
     stages = two_stages(world)[:1]
     cfg = write_cfg(world, "elem", stages, hft={"granularity": "parameter"},
                     train={"export_format": "hf"})

@@ -177,7 +177,7 @@ def run_step(run: dict, mbs: list, tcfg: dict, device, between=None) -> tuple[fl
     t0, c0 = time.perf_counter(), time.process_time()
     for g in opt.param_groups:
         g["lr"] = tcfg["lr"]
-    denom = train.all_sum(sum(data.count_targets(b["labels"]) for b in mbs))
+    denom = data.all_sum(sum(data.count_targets(b["labels"]) for b in mbs))
     train.train_step(model, run["trainable"], mbs, "lm", [None] * len(mbs), denom, tcfg, None, device)
     if between is not None:
         between(run)
@@ -617,6 +617,8 @@ def ratios(results: dict, cal) -> dict:
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if "--plan" in argv:
+        return plan_cli(argv)
     args = parse_args(argv)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not modes or modes[0] != "fft" or any(m not in MODES for m in modes):
@@ -630,7 +632,7 @@ def main(argv=None):
         if args.nproc > 1:
             return launch(args, argv)
         torch.set_num_threads(args.threads or os.cpu_count() or 1)
-    device = train.setup_distributed()
+    device = data.setup_distributed()
     world = dist.get_world_size()
     if device.type == "cpu" and args.malloc == "reuse":
         reuse_heap()
@@ -704,7 +706,7 @@ def main(argv=None):
 
 
 def all_reduce_int(x, device) -> int:
-    return int(round(train.all_sum(x)))
+    return int(round(data.all_sum(x)))
 
 
 def jsonable(x):
@@ -764,10 +766,6 @@ def profile(runs, batches, tcfg, device, steps=3, rows=24) -> dict:
             print(f"{k[:57]:<58}" + "".join(
                 f"{table[k].get(m, (0, 0))[0]:>11.1f} /{table[k].get(m, (0, 0))[1]:>5}" for m in modes))
     return table
-
-
-if __name__ == "__main__":
-    train.hard_exit(main())  # exit without interpreter finalization (gloo teardown abort)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1094,6 +1092,24 @@ def format_plan(out: dict) -> str:
     return "\n".join(lines)
 
 
+def plan_cli(argv) -> int:
+    """`python train.py --plan ...` (or bench.py --plan ...): the config's keys and overrides as
+    train.py reads them, plus --world-size, --gpu-memory-gib and --plan-json."""
+    ap = argparse.ArgumentParser(description="train.py --plan: will a run fit, and how long is it")
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--plan", action="store_true")
+    ap.add_argument("--world-size", type=int)
+    ap.add_argument("--gpu-memory-gib", type=float, default=80.0)
+    ap.add_argument("--plan-json")
+    args, overrides = ap.parse_known_args(argv)
+    try:
+        cfg = train.load_config(args.config, overrides)
+    except train.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return plan_main(cfg, args.world_size, args.gpu_memory_gib, args.plan_json)
+
+
 def plan_main(cfg: dict, world_size, gpu_memory_gib: float, json_path=None) -> int:
     """train.py --plan: print the table, write the JSON (atomically) when asked; 2 on bad input."""
     if not world_size or world_size < 1:
@@ -1106,5 +1122,9 @@ def plan_main(cfg: dict, world_size, gpu_memory_gib: float, json_path=None) -> i
         return 2
     print(format_plan(out))
     if json_path:
-        train.write_json(json_path, out)
+        checkpoint.write_json(json_path, out)
     return 0
+
+
+if __name__ == "__main__":
+    data.hard_exit(main())  # exit without interpreter finalization (gloo teardown abort)

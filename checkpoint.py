@@ -12,6 +12,7 @@ the one implementation the whole project uses.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -31,6 +32,67 @@ from model import ModelArgs, Transformer
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used as it is; the message names the file, tensor or key."""
+
+
+# Atomic writes: a reader (a resumed run, another rank, a user's tool) sees the old version or the
+# whole new one, never half a file or half a directory.
+
+@contextlib.contextmanager
+def atomic_file(path, mode: str = "w"):
+    """Write a file through a hidden temporary beside it, flushed to disk and renamed over `path`
+    on success; on an exception the temporary is removed and `path` is left as it was."""
+    path = os.fspath(path)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=f".{os.path.basename(path)}.",
+                               suffix=".tmp")
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would make the file private
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path, obj, indent: int = 2):
+    with atomic_file(path) as f:
+        json.dump(obj, f, indent=indent, ensure_ascii=False)
+        f.write("\n")
+
+
+def replace_dir(new, dest):
+    """Move the complete directory `new` to `dest`. An existing `dest` is first renamed aside and
+    deleted only once `new` is in place (POSIX cannot swap two directories in one rename)."""
+    new, dest = Path(new), Path(dest)
+    if not dest.exists():
+        os.rename(new, dest)
+    else:
+        old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+        os.rename(dest, old)  # replaces the empty directory mkdtemp made
+        try:
+            os.rename(new, dest)
+        except BaseException:
+            os.rename(old, dest)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    fsync(dest.parent)
+
+
+def fsync(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 # Meta's model-parallel layout: column-parallel matrices are split on their output rows (dim 0),
@@ -107,7 +169,7 @@ def _torch_load(file: Path) -> dict:
     return sd
 
 
-def _fmt(shape) -> str:
+def _shape(shape) -> str:
     return str(list(shape))
 
 
@@ -339,8 +401,8 @@ class CheckpointReader:
                 for f, sd in zip(self.files[1:], self._shards[1:]):
                     s = sd[name].shape
                     if len(s) != len(first) or any(s[i] != first[i] for i in range(len(s)) if i != d):
-                        problems[name] = (f"{name}: {f.name} has {_fmt(s)} but {self.files[0].name} "
-                                          f"has {_fmt(first)}")
+                        problems[name] = (f"{name}: {f.name} has {_shape(s)} but {self.files[0].name} "
+                                          f"has {_shape(first)}")
                         break
                     if d is not None:
                         merged[d] += s[d]
@@ -369,8 +431,8 @@ class CheckpointReader:
         found, unexpected, bad = self._shapes()
         missing = [name for name in self.expected if name not in found and name not in bad]
         problems = list(bad.values())
-        problems += [f"{name}: shape {_fmt(shape)} in {where}, but the model expects "
-                     f"{_fmt(self.expected[name])}"
+        problems += [f"{name}: shape {_shape(shape)} in {where}, but the model expects "
+                     f"{_shape(self.expected[name])}"
                      for name, (shape, where) in found.items() if shape != self.expected[name]]
         for what, names in (("unexpected", unexpected), ("missing", missing)):
             if names:
@@ -623,14 +685,6 @@ def hf_tokenizer_json(tokenizer_model) -> dict:
     }
 
 
-def _fsync(path: Path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(state: dict, args: ModelArgs, path, format: str = "meta", tokenizer=None,
                     dtype: Optional[torch.dtype] = None, max_shard_bytes: int = 5 * 2 ** 30,
                     extra_json: Optional[dict] = None):
@@ -648,7 +702,7 @@ def save_checkpoint(state: dict, args: ModelArgs, path, format: str = "meta", to
     expected = param_shapes(args)
     missing = [n for n in expected if n not in state]
     unexpected = [n for n in state if n not in expected]
-    wrong = [f"{n}: {_fmt(state[n].shape)}, args expect {_fmt(s)}"
+    wrong = [f"{n}: {_shape(state[n].shape)}, args expect {_shape(s)}"
              for n, s in expected.items() if n in state and tuple(state[n].shape) != s]
     if missing or unexpected or wrong:
         raise CheckpointError(f"state dict does not match {args}: missing {missing}, "
@@ -665,9 +719,7 @@ def save_checkpoint(state: dict, args: ModelArgs, path, format: str = "meta", to
     if dest.exists() and not dest.is_dir():
         raise CheckpointError(f"{dest} exists and is not a directory")
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would make the checkpoint private
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would make the checkpoint private
     try:
         if format == "meta":
             with open(tmp / "params.json", "w") as f:
@@ -683,8 +735,8 @@ def save_checkpoint(state: dict, args: ModelArgs, path, format: str = "meta", to
             with open(tmp / name, "w") as f:
                 json.dump(obj, f, indent=1)
         for file in tmp.iterdir():  # on disk before the rename makes the directory visible
-            _fsync(file)
-        _replace_dir(tmp, dest)
+            fsync(file)
+        replace_dir(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -760,23 +812,6 @@ def _check_tokenizer_json(file: Path, vocab_size: int):
     if ids and max(ids) >= vocab_size:
         raise CheckpointError(f"{file}: has token id {max(ids)}, but the embedding has "
                               f"{vocab_size} rows: the tokenizer belongs to another model")
-
-
-def _replace_dir(new: Path, dest: Path):
-    """Move the complete directory `new` to `dest`. An existing `dest` is first renamed aside and
-    deleted only once `new` is in place (POSIX cannot swap two directories in one rename)."""
-    if not dest.exists():
-        os.rename(new, dest)
-    else:
-        old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
-        os.rename(dest, old)  # replaces the empty directory mkdtemp made
-        try:
-            os.rename(new, dest)
-        except BaseException:
-            os.rename(old, dest)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    _fsync(dest.parent)
 
 
 def save_model(model: Transformer, path, format: str = "meta", tokenizer=None,

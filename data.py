@@ -12,6 +12,8 @@ import json
 import operator
 import os
 import shutil
+import sys
+from datetime import timedelta
 from array import array
 from collections import Counter
 
@@ -20,6 +22,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
+
+from checkpoint import replace_dir
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
@@ -387,12 +391,6 @@ def _sha256(path: str, what: str) -> tuple[int, str]:
     return size, h.hexdigest()
 
 
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _on_ranks(fn, everyone: bool = True) -> list:
     """Run fn on every rank (or on rank 0 only) and return each rank's result, on every rank.
 
@@ -401,7 +399,7 @@ def _on_ranks(fn, everyone: bool = True) -> list:
     that is the first bad record), anything else as itself there and a RuntimeError elsewhere.
     Object collectives move their tensors to the rank's device themselves (NCCL needs that).
     """
-    rank, world = _rank_world()
+    rank, world = rank_world()
     value, err = None, None
     if everyone or rank == 0:
         try:
@@ -486,7 +484,7 @@ class Examples:
 
 def _tokenize_part(path: str, kind: str, tok: Tokenizer, L: int, tmp: str) -> dict:
     """Tokenize this rank's contiguous slice of the records into part-<rank> arrays under tmp."""
-    rank, world = _rank_world()
+    rank, world = rank_world()
     records = read_records(path)
     fmt = _detect_format(path, kind, *records[0])
     n_records = len(records)
@@ -538,7 +536,7 @@ def _build_cache(path: str, kind: str, tok: Tokenizer, L: int, final: str, meta:
     """Tokenize on every rank, each a slice, and let rank 0 merge and publish `final` atomically:
     the arrays are written in a temporary directory renamed into place once complete, so a crash
     leaves no directory that a later start would read."""
-    rank, world = _rank_world()
+    rank, world = rank_world()
     tmp = final + ".tmp"
 
     def fresh_tmp():
@@ -558,8 +556,7 @@ def _build_cache(path: str, kind: str, tok: Tokenizer, L: int, final: str, meta:
             _merge_parts(tmp, kind, world)
             with open(os.path.join(tmp, "meta.json"), "w") as f:
                 json.dump(meta, f, indent=2)
-            shutil.rmtree(final, ignore_errors=True)  # only ever an unreadable one: see cached_examples
-            os.rename(tmp, final)
+            replace_dir(tmp, final)  # replaces only ever an unreadable one: see cached_examples
         _on_ranks(publish, everyone=False)
     except BaseException:
         if rank == 0:
@@ -583,7 +580,7 @@ def cached_examples(path: str, kind: str, tokenizer: Tokenizer, max_seq_len: int
     line of the first bad record, and nothing is published. Every node must see cache_dir.
     """
     _check_args(kind, max_seq_len)
-    rank, world = _rank_world()
+    rank, world = rank_world()
 
     def fingerprint():
         size, sha = _sha256(path, "data file")
@@ -784,3 +781,75 @@ def dpo_loss(pi_chosen: torch.Tensor, pi_rejected: torch.Tensor, ref_chosen: tor
                "reward_margin": chosen_reward - rejected_reward,
                "chosen_reward": chosen_reward, "rejected_reward": rejected_reward}
     return losses, metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# Ranks: the process group every entry point (train.py, eval.py, bench.py) sets up the same way.
+
+def resolve_device(name: str) -> torch.device:
+    """`[train] device`: "auto" is CUDA when this process sees a GPU, else the CPU. An explicit
+    "cuda" without one is an error: a 7B recipe must not quietly "run" on the CPU for days."""
+    if name == "cuda" and not torch.cuda.is_available():
+        why = ("CUDA_VISIBLE_DEVICES is empty" if os.environ.get("CUDA_VISIBLE_DEVICES") == ""
+               else f"torch {torch.__version__} sees no CUDA device (a CPU-only build, no GPU, or "
+               "a driver too old for this wheel)")
+        raise ValueError(f"train.device = \"cuda\", but {why}; set train.device = \"cpu\" "
+                          "or \"auto\" to run on the CPU")
+    if name == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def setup_distributed(device_name: str = "auto") -> torch.device:
+    """torchrun sets RANK/WORLD_SIZE; a plain `python train.py` runs as a world of one. NCCL on
+    GPUs (bound to this rank's GPU), gloo on the CPU. Under NCCL a second, CPU (gloo) group
+    carries host-side numbers (token counts, the SIGTERM flag), so reading them never waits
+    for the GPU's queue."""
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29400 + os.getpid() % 1000))
+    device = resolve_device(device_name)
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+            dist.init_process_group("nccl", timeout=timedelta(minutes=30), device_id=device)
+        else:
+            dist.init_process_group("gloo", timeout=timedelta(minutes=30))
+    control_group()
+    return device
+
+
+_CONTROL: dict = {}
+
+
+def control_group():
+    """The group for host-side numbers: the default group under gloo; under NCCL a gloo twin
+    of it, made once per process group (collectively: every rank calls this at the same point)."""
+    if dist.get_backend() in ("gloo", "fake"):  # fake: --plan's simulated process group
+        return None
+    if _CONTROL.get("world") is not dist.group.WORLD:
+        _CONTROL.update(world=dist.group.WORLD, group=dist.new_group(backend="gloo"))
+    return _CONTROL["group"]
+
+
+def all_sum(x: float) -> float:
+    """Sum a host-side number over all ranks, over the CPU control group (no GPU sync)."""
+    t = torch.tensor([float(x)], dtype=torch.float64)
+    dist.all_reduce(t, group=control_group())
+    return t.item()
+
+
+def rank_world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) outside torch.distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def hard_exit(code: int):
+    """Leave without interpreter finalization. gloo's worker threads may still hold work objects
+    (FSDP keeps some) whose destruction while Python tears down aborts the process ("terminate
+    called without an active exception", about one CPU run in twenty) after all work is done."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -31,14 +31,15 @@ import os
 import re
 import string
 import sys
-import tempfile
 import weakref
 from collections import Counter
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm import tqdm
+
+import data
+from data import rank_world
 
 # ---------------------------------------------------------------------------------------------
 # Metrics, one example at a time, each in [0, 1].
@@ -326,12 +327,6 @@ MAX_BATCH_TOKENS = 16384
 _HELD = weakref.WeakSet()  # FSDP modules that a `gathered` block keeps unsharded
 
 
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 @contextlib.contextmanager
 def gathered(model):
     """Keep an FSDP2 model's parameters unsharded for the block: one all-gather per parameter
@@ -413,7 +408,7 @@ def _run_batches(batches: list[list[int]], run, desc: str) -> list:
     world-th, so loads are alike). A rank with one batch fewer runs a filler (the shortest
     sequence, `real` False), so every rank makes the same model calls. Every rank gets all
     results, in index order."""
-    rank, world = _rank_world()
+    rank, world = rank_world()
     mine = batches[rank::world]
     mine += [None] * (-(-len(batches) // world) - len(mine))
     results = {}
@@ -431,7 +426,7 @@ def _run_batches(batches: list[list[int]], run, desc: str) -> list:
 
 def _all_ranks(flag: bool, device) -> bool:
     """True when `flag` is true on every rank."""
-    if _rank_world()[1] == 1:
+    if rank_world()[1] == 1:
         return flag
     t = torch.tensor([0 if flag else 1], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -514,16 +509,14 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
 def _logprobs_batch(model, batch: list[tuple[list[int], int]], device) -> list[float]:
     T = max(len(ids) for ids, _ in batch)
     tokens = torch.zeros(len(batch), T, dtype=torch.long, device=device)
-    for b, (ids, _) in enumerate(batch):
+    labels = torch.full((len(batch), T), data.IGNORE_INDEX, dtype=torch.long, device=device)
+    for b, (ids, n) in enumerate(batch):
         tokens[b, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-    logits = model(tokens)
-    # logits at position j predict token j + 1
-    return torch.stack([-F.cross_entropy(logits[b, len(ids) - n - 1:len(ids) - 1],
-                                         tokens[b, len(ids) - n:len(ids)], reduction="sum")
-                        for b, (ids, n) in enumerate(batch)]).tolist()
+        labels[b, len(ids) - n:len(ids)] = tokens[b, len(ids) - n:len(ids)]  # the scored tokens
+    return data.sequence_logps(model(tokens), labels).tolist()
 
 
-def sequence_logprobs(model, seqs: list[tuple[list[int], int]], batch_size: int = 8,
+def score_continuations(model, seqs: list[tuple[list[int], int]], batch_size: int = 8,
                       max_batch_tokens: int = MAX_BATCH_TOKENS) -> list[float]:
     """Sum of log p(token | all tokens before it) over the last n tokens of each (ids, n).
 
@@ -535,7 +528,7 @@ def sequence_logprobs(model, seqs: list[tuple[list[int], int]], batch_size: int 
     max_len = model.args.max_seq_len
     for ids, n in seqs:
         if not 1 <= n < len(ids) or len(ids) > max_len:
-            raise ValueError(f"sequence_logprobs: cannot score the last {n} of {len(ids)} tokens "
+            raise ValueError(f"score_continuations: cannot score the last {n} of {len(ids)} tokens "
                              f"(need 1 <= n < len and len <= max_seq_len={max_len})")
     batches = _plan([len(ids) for ids, _ in seqs], batch_size, max_batch_tokens)
     device = _device(model)
@@ -571,7 +564,6 @@ def _default_metric(path: str, rec: dict) -> str:
 def _reference(rec: dict, where: str, text: bool = True):
     """The record's 'answers' or 'answer'; for generation a string or a list of strings (numbers,
     as NumGLUE answers may be, are compared as their text)."""
-    import data
     key = "answers" if "answers" in rec else "answer" if "answer" in rec else None
     if key is None:
         raise data.DataError(f"{where}: no 'answer' or 'answers' field (keys: {sorted(rec)})")
@@ -587,7 +579,6 @@ def _reference(rec: dict, where: str, text: bool = True):
 
 def _example(rec: dict, metric: str, where: str) -> dict:
     """One record in any supported format -> the prompt/reference (or choices, or text) it is scored on."""
-    import data
     if metric == "ppl":
         if not isinstance(rec.get("text"), str):
             raise data.DataError(f"{where}: metric 'ppl' needs a 'text' string (keys: {sorted(rec)})")
@@ -627,10 +618,9 @@ def _example(rec: dict, metric: str, where: str) -> dict:
     raise data.DataError(f"{where}: metric {metric!r} needs 'prompt', 'question' or 'messages' (keys: {sorted(rec)})")
 
 
-def load_examples(path: str, metric: str | None = None) -> tuple[str, list[dict]]:
+def read_eval_file(path: str, metric: str | None = None) -> tuple[str, list[dict]]:
     """Read an evaluation file. The metric is the caller's, else the records' `metric` field
     (one per file), else TRACE's for a TRACE task name, else chosen by the records' shape."""
-    import data
     records = data.read_records(path)
     if not records:
         raise ValueError(f"{path}: no records to evaluate")
@@ -677,7 +667,7 @@ def _score_choices(model, tokenizer, examples, batch_size, max_batch_tokens):
             if len(whole) > max_len:  # keep the end: the choice and the question before it
                 whole = whole[-max_len:]
             seqs.append((whole, min(n, len(whole) - 1)))
-    logps = iter(sequence_logprobs(model, seqs, batch_size, max_batch_tokens))
+    logps = iter(score_continuations(model, seqs, batch_size, max_batch_tokens))
     out = []
     for ex in examples:
         lp = [next(logps) for _ in ex["choices"]]
@@ -700,7 +690,7 @@ def _score_text(model, tokenizer, examples, batch_size, max_batch_tokens):
             seqs.append((window, len(window) - 1))
             owner.append(k)
     nll, ntok = [0.0] * len(examples), [0] * len(examples)
-    for k, (_, n), lp in zip(owner, seqs, sequence_logprobs(model, seqs, batch_size, max_batch_tokens)):
+    for k, (_, n), lp in zip(owner, seqs, score_continuations(model, seqs, batch_size, max_batch_tokens)):
         nll[k] -= lp
         ntok[k] += n
     return [{"text": ex["text"][:200], "nll": nll[k], "tokens": ntok[k],
@@ -713,7 +703,7 @@ def evaluate_file(model, tokenizer, path: str, metric: str | None = None, max_ne
     """Score a model on one file. `score` is 0-100 (mean of the per-example metric), or the
     perplexity exp(total NLL / total tokens) for 'ppl', where lower is better. Batching and
     `dtype` (the compute dtype) as in `generate`; the model is gathered for the file."""
-    metric, examples = load_examples(path, metric)
+    metric, examples = read_eval_file(path, metric)
     with gathered(model):
         if metric == "ppl":
             preds = _score_text(model, tokenizer, examples, batch_size, max_batch_tokens)
@@ -735,7 +725,7 @@ def score_predictions(path: str, predictions: list[str], metric: str | None = No
     """Score predictions made elsewhere (vLLM, HF generate, TRACE's own inference), one string
     per record in the file's order, exactly as `evaluate_file` scores a model that generated
     them: same metric choice, references and per-example metric, same result dict."""
-    metric, examples = load_examples(path, metric)
+    metric, examples = read_eval_file(path, metric)
     if metric not in GEN_METRICS:
         raise ValueError(f"{path}: metric {metric!r} scores the model's log-probabilities, not "
                          "generated text; run evaluate_file (eval.py --model) for it")
@@ -753,7 +743,6 @@ def score_predictions(path: str, predictions: list[str], metric: str | None = No
 
 
 def _checked_strings(path: str, items, where) -> list[str]:
-    import data
     for i, p in enumerate(items):
         if not isinstance(p, str):
             raise data.DataError(f"{path}: {where(i)}: a prediction must be a string, "
@@ -762,7 +751,6 @@ def _checked_strings(path: str, items, where) -> list[str]:
 
 
 def _malformed(path: str, line: int, e: json.JSONDecodeError):
-    import data
     return data.DataError(f"{path}: line {line}: malformed JSON ({e.msg}, column {e.colno})")
 
 
@@ -770,7 +758,6 @@ def read_predictions(path: str) -> list[str]:
     """Predictions made elsewhere, in record order: JSON Lines with one {"prediction": "..."} per
     line (blank lines skipped; lines split at "\n" only, as JSON may hold U+2028 raw), a JSON
     list of strings, or TRACE's inference output (an object whose "results" list holds them)."""
-    import data
     try:
         with open(path, "rb") as f:
             raw = f.read()
@@ -816,22 +803,16 @@ def read_predictions(path: str) -> list[str]:
 
 
 def _write_atomic(path: str, text: str):
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from checkpoint import atomic_file
+    with atomic_file(path) as f:
+        f.write(text)
 
 
 def _higher_is_better(result: dict) -> bool:
     return result.get("higher_is_better", result.get("metric") != "ppl")
 
 
-def _fmt(x, digits: int = 2) -> str:
+def _num(x, digits: int = 2) -> str:
     return "" if x is None else f"{x:.{digits}f}"
 
 
@@ -892,10 +873,10 @@ def write_report(out_dir: str, base: dict | None, stages: list[dict]) -> dict:
                "| after stage | " + " | ".join(t["name"] for t in tasks) + " |",
                "|---|" + "---|" * len(tasks)]
         if base_row is not None:
-            md.append("| (base) | " + " | ".join(_fmt(x) for x in base_row) + " |")
+            md.append("| (base) | " + " | ".join(_num(x) for x in base_row) + " |")
         for t, row in zip(tasks, R):
-            md.append(f"| {t['name']} | " + " | ".join(_fmt(x) for x in row + [None] * (len(tasks) - len(row))) + " |")
-        md += ["", f"**OP** {_fmt(cm['OP'])}  **BWT** {_fmt(cm['BWT'])}  "
+            md.append(f"| {t['name']} | " + " | ".join(_num(x) for x in row + [None] * (len(tasks) - len(row))) + " |")
+        md += ["", f"**OP** {_num(cm['OP'])}  **BWT** {_num(cm['BWT'])}  "
                "(OP = mean of the last row; BWT = (1/T) sum_i (R[T][i] - R[i][i]), TRACE's definition)", "",
                "Task files: " + "; ".join(f"{t['name']}: {', '.join(t['eval_files'])}" for t in tasks), ""]
     if probes:
@@ -903,10 +884,10 @@ def write_report(out_dir: str, base: dict | None, stages: list[dict]) -> dict:
                "| probe | metric | base | " + " | ".join(s["name"] for s in stages) + " |",
                "|---|---|---|" + "---|" * len(stages)]
         for f, p in probes.items():
-            cells = [("" if r["score"] is None else _fmt(r["score"]) +
+            cells = [("" if r["score"] is None else _num(r["score"]) +
                       ("" if r["retention"] is None else f" ({r['retention']:.1f}%)")) for r in p["stages"]]
             metric = f"{p['metric']}" + ("" if p["higher_is_better"] else " (lower is better)")
-            md.append(f"| {os.path.basename(f)} | {metric} | {_fmt(p['base'])} | " + " | ".join(cells) + " |")
+            md.append(f"| {os.path.basename(f)} | {metric} | {_num(p['base'])} | " + " | ".join(cells) + " |")
         md.append("")
 
     os.makedirs(out_dir, exist_ok=True)
@@ -943,6 +924,8 @@ def _parse_args(argv):
                     help="positions a batch holds at most, padding and new tokens included (0: no bound)")
     ap.add_argument("--out", help="write results (with per-example predictions) to this JSON file")
     ap.add_argument("--tokenizer", help="SentencePiece model (default: MODEL/tokenizer.model)")
+    ap.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                    help="as train.py's train.device: auto = CUDA when present")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), help="default: bfloat16 on GPU, float32 on CPU")
     ap.add_argument("--max-seq-len", type=int, help="context length (default: the checkpoint's, see checkpoint.load_model)")
     args = ap.parse_args(argv)
@@ -969,16 +952,15 @@ def main(argv=None) -> int:
     if args.predictions:
         return _main_predictions(args)
 
-    import data
     import checkpoint
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        # torchrun: each rank holds a full copy of the model and evaluates its share of examples.
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    try:  # torchrun: each rank holds a whole model and evaluates its share of the examples
+        device = (data.setup_distributed(args.device) if int(os.environ.get("WORLD_SIZE", "1")) > 1
+                  else data.resolve_device(args.device))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    rank = _rank_world()[0]
+    rank = rank_world()[0]
 
     tok_path = args.tokenizer or os.path.join(args.model, "tokenizer.model")
     try:
@@ -1002,5 +984,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from train import hard_exit  # exit without interpreter finalization (gloo teardown abort)
-    hard_exit(main())
+    data.hard_exit(main())  # exit without interpreter finalization (gloo teardown abort)

@@ -56,7 +56,6 @@ import math
 import os
 import random
 import re
-import tempfile
 from fractions import Fraction
 
 import torch
@@ -304,18 +303,9 @@ def make_mask(model: nn.Module, granularity: str = "category", ratio: float = 0.
 
 
 def save_mask(path: str | os.PathLike, mask: dict):
-    """Write mask.json atomically (temp file + os.replace): a crash never leaves half a mask."""
-    path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".mask.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(mask, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """Write mask.json atomically: a crash never leaves half a mask."""
+    from checkpoint import write_json
+    write_json(path, mask, indent=1)
 
 
 def load_mask(path: str | os.PathLike) -> dict:

@@ -21,12 +21,12 @@ import resource
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import time
 import tomllib
 import uuid
 from dataclasses import dataclass
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -42,7 +42,8 @@ from tqdm import tqdm
 
 import data
 import hft
-from checkpoint import CheckpointReader, save_checkpoint
+from data import all_sum, hard_exit, setup_distributed
+from checkpoint import CheckpointReader, atomic_file, replace_dir, save_checkpoint, write_json
 from model import Transformer
 
 # ---------------------------------------------------------------------------------------------
@@ -243,53 +244,7 @@ def check_together(cfg: dict, path: str):
 
 
 # ---------------------------------------------------------------------------------------------
-# Distributed setup and the sharded model.
-
-def resolve_device(name: str) -> torch.device:
-    """`[train] device`: "auto" is CUDA when this process sees a GPU, else the CPU. An explicit
-    "cuda" without one is an error: a 7B recipe must not quietly "run" on the CPU for days."""
-    if name == "cuda" and not torch.cuda.is_available():
-        why = ("CUDA_VISIBLE_DEVICES is empty" if os.environ.get("CUDA_VISIBLE_DEVICES") == ""
-               else f"torch {torch.__version__} sees no CUDA device (a CPU-only build, no GPU, or "
-               "a driver too old for this wheel)")
-        raise ConfigError(f"train.device = \"cuda\", but {why}; set train.device = \"cpu\" "
-                          "or \"auto\" to run on the CPU")
-    if name == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def setup_distributed(device_name: str = "auto") -> torch.device:
-    """torchrun sets RANK/WORLD_SIZE; a plain `python train.py` runs as a world of one. NCCL on
-    GPUs (bound to this rank's GPU), gloo on the CPU. Under NCCL a second, CPU (gloo) group
-    carries host-side numbers (token counts, the SIGTERM flag), so reading them never waits
-    for the GPU's queue."""
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29400 + os.getpid() % 1000))
-    device = resolve_device(device_name)
-    if not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-            dist.init_process_group("nccl", timeout=timedelta(minutes=30), device_id=device)
-        else:
-            dist.init_process_group("gloo", timeout=timedelta(minutes=30))
-    control_group()
-    return device
-
-
-_CONTROL: dict = {}
-
-
-def control_group():
-    """The group for host-side numbers: the default group under gloo; under NCCL a gloo twin
-    of it, made once per process group (collectively: every rank calls this at the same point)."""
-    if dist.get_backend() in ("gloo", "fake"):  # fake: --plan's simulated process group
-        return None
-    if _CONTROL.get("world") is not dist.group.WORLD:
-        _CONTROL.update(world=dist.group.WORLD, group=dist.new_group(backend="gloo"))
-    return _CONTROL["group"]
-
+# The sharded model (the process group: data.setup_distributed).
 
 def log(*a):
     if dist.get_rank() == 0:
@@ -418,13 +373,6 @@ def peak_memory(device) -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def all_sum(x: float) -> float:
-    """Sum a host-side number over all ranks, over the CPU control group (no GPU sync)."""
-    t = torch.tensor([float(x)], dtype=torch.float64)
-    dist.all_reduce(t, group=control_group())
-    return t.item()
-
-
 # ---------------------------------------------------------------------------------------------
 # Checkpoints: DCP for model + optimizer (sharded), a small JSON/pt per rank for the rest.
 
@@ -455,8 +403,7 @@ def save_training_checkpoint(stage_dir, step, model, opt, device, sources: list 
         write_json(os.path.join(tmp, "data.json"), sources)
     dist.barrier()
     if dist.get_rank() == 0:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)  # a checkpoint exists only once complete
+        replace_dir(tmp, final)  # a checkpoint exists only once complete
         for old in checkpoint_dirs(stage_dir)[:-2]:  # keep the last two
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
@@ -512,13 +459,6 @@ def export(model, reader, path, fmt, dtype_name, tokenizer_path):
         save_checkpoint(full, reader.args, path, format=fmt, tokenizer=tokenizer_path, dtype=dtype)
     del full
     dist.barrier()
-
-
-def write_json(path, obj):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -767,8 +707,8 @@ def dpo_reference(model, examples, t, tok, device, stage_dir, name) -> torch.Ten
         return torch.load(path, weights_only=True)
     ref = reference_logps(model, examples, t, tok, device, f"{name}: reference log-probs")
     if dist.get_rank() == 0:
-        torch.save(ref, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        with atomic_file(path, "wb") as f:
+            torch.save(ref, f)
     dist.barrier()
     return ref
 
@@ -779,9 +719,8 @@ def trim_metrics(path: str, start: int):
     if os.path.exists(path):
         with open(path) as f:
             kept = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= start]
-    with open(path + ".tmp", "w") as f:
+    with atomic_file(path) as f:
         f.writelines(kept)
-    os.replace(path + ".tmp", path)
 
 
 def train_loop(run: StageRun, tok, device) -> tuple[float, float]:
@@ -909,7 +848,10 @@ def evaluate_all(cfg, model, tok, files, tcfg: dict, device) -> dict:
 
 
 def run(cfg: dict):
-    device = setup_distributed(cfg["train"]["device"])
+    try:
+        device = setup_distributed(cfg["train"]["device"])
+    except ValueError as e:  # train.device = "cuda" without a GPU
+        raise ConfigError(str(e)) from None
     rank = dist.get_rank()
     out = cfg["out_dir"]
     log(f"hft: world size {dist.get_world_size()}, backend {dist.get_backend()}, device "
@@ -1067,20 +1009,21 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="TOML file (see configs/)")
     ap.add_argument("--plan", action="store_true", help="print what each GPU of a --world-size N "
-                    "run holds per stage, whether it fits, and the steps; one CPU process (bench.plan)")
+                    "run holds per stage, whether it fits, and the steps; one CPU process (bench.py)")
     ap.add_argument("--world-size", type=int, help="--plan: GPUs of the run")
     ap.add_argument("--gpu-memory-gib", type=float, default=80.0,
                     help="--plan: memory of one GPU (A100 80GB: 80, H100 80GB: 79.6)")
     ap.add_argument("--plan-json", help="--plan: also write the plan here as JSON")
     args, overrides = ap.parse_known_args(argv)
+    if args.plan:  # bench.py's planner, in its own process: bench imports train, never the reverse
+        argv = sys.argv[1:] if argv is None else argv
+        return subprocess.call([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                             "bench.py"), *argv])
     try:
         cfg = load_config(args.config, overrides)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.plan:
-        import bench  # the memory and speed measurements
-        return bench.plan_main(cfg, args.world_size, args.gpu_memory_gib, args.plan_json)
     try:
         run(cfg)
     except Preempted as e:
@@ -1096,15 +1039,6 @@ def main(argv=None):
             dist.barrier()  # no rank tears gloo down while another still has work in flight
         dist.destroy_process_group()
     return code
-
-
-def hard_exit(code: int):
-    """Leave without interpreter finalization. gloo's worker threads may still hold work objects
-    (FSDP keeps some) whose destruction while Python tears down aborts the process ("terminate
-    called without an active exception", about one CPU run in twenty) after all work is done."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 if __name__ == "__main__":

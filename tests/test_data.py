@@ -609,8 +609,8 @@ def _cache_worker(rank, world, init_file, out_dir, spm_path, jobs):
         dist.barrier()
     finally:
         dist.destroy_process_group()
-    import train
-    train.hard_exit(0)  # skip finalization: see train.hard_exit
+    import data
+    data.hard_exit(0)  # skip finalization: see data.hard_exit
 
 
 def test_two_ranks_cache_byte_identical_and_errors_reach_all(spm_path, tmp_path):

@@ -369,10 +369,10 @@ def test_token_budget_bounds_batches_and_changes_no_result(tiny_model, tok):
     assert [B for B, _ in shapes] == [1] * len(prompts)
 
     seqs = [(tok.encode(p, True, False), 1) for p in prompts]
-    whole = ev.sequence_logprobs(tiny_model, seqs, batch_size=8, max_batch_tokens=0)
+    whole = ev.score_continuations(tiny_model, seqs, batch_size=8, max_batch_tokens=0)
     shapes.clear()
     budget = 3 * max(len(ids) for ids, _ in seqs)
-    got = ev.sequence_logprobs(tiny_model, seqs, batch_size=8, max_batch_tokens=budget)
+    got = ev.score_continuations(tiny_model, seqs, batch_size=8, max_batch_tokens=budget)
     assert got == pytest.approx(whole, abs=1e-5)
     assert [B for B, _ in shapes] == [3, 3]  # one batch of 6 without the budget
     assert all(B * T <= budget for B, T in shapes)  # float32 logits B x T x vocab
@@ -562,8 +562,8 @@ def _dist_worker(rank, world, init_file, out_dir, args_dict, spm_path, files, st
         dist.barrier()
     finally:
         dist.destroy_process_group()
-    import train
-    train.hard_exit(0)  # skip finalization: see train.hard_exit
+    import data
+    data.hard_exit(0)  # skip finalization: see data.hard_exit
 
 
 def test_two_ranks_fsdp_match_one_process(tiny_args, tok, spm_path, tmp_path):
@@ -681,8 +681,8 @@ def _gathered_worker(rank, world, init_file, out_dir, args_dict, spm_path):
         dist.barrier()
     finally:
         dist.destroy_process_group()
-    import train
-    train.hard_exit(0)
+    import data
+    data.hard_exit(0)
 
 
 def test_gathered_all_gathers_once_per_evaluation(tiny_args, tok, spm_path, tmp_path):

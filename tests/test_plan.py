@@ -269,16 +269,18 @@ def test_cli_prints_the_table_and_writes_the_json(tmp_path, spm_path):
     assert small.returncode == 0 and " NO " in small.stdout
 
 
-def test_cli_errors_exit_2_naming_the_problem(tmp_path, capsys):
+def test_cli_errors_exit_2_naming_the_problem(tmp_path, capfd):
     cfg = str(write_tiny(tmp_path))
-    assert train.main(["--config", cfg, "--plan"]) == 2
-    assert "--world-size" in capsys.readouterr().err
+    assert train.main(["--config", cfg, "--plan"]) == 2  # train.py hands --plan to bench.py
+    assert "--world-size" in capfd.readouterr().err
     assert train.main(["--config", cfg, "--plan", "--world-size", "3"]) == 2  # 8 % 3
-    assert "train.batch_size = 8" in capsys.readouterr().err
+    assert "train.batch_size = 8" in capfd.readouterr().err
     assert train.main(["--config", cfg, "--plan", "--world-size", "2",
                        "--model.path", str(tmp_path)]) == 2
-    assert "unknown checkpoint format" in capsys.readouterr().err
+    assert "unknown checkpoint format" in capfd.readouterr().err
     import torch.distributed as dist
+    bad = train.load_config(cfg, ["--model.path", str(tmp_path)])
+    assert bench.plan_main(bad, 2, 80) == 2 and "unknown checkpoint format" in capfd.readouterr().err
     assert not dist.is_initialized()  # the fake process group is gone after an error too
 
 

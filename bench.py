@@ -548,13 +548,13 @@ def time_steps(runs: list, batches: list, args, tcfg: dict, device):
 def measure_run(run: dict, mem: dict, batches: list, args, margs, seq, batch, tcfg, device, base_rss) -> dict:
     """Everything about one mode that needs its model alive, summed over ranks where it is bytes."""
     world = dist.get_world_size()
-    mode, tr = run["mode"], set(run["mask"]["trainable"])
+    tr = set(run["mask"]["trainable"])
     numel = {hft.meta_name(n): p.numel() for n, p in run["model"].named_parameters()}
     st = state_bytes(run)
     p_bytes, moments, counters, grad_bytes, transient, missing, frozen_grad = (
-        all_reduce_int(x, device) for x in (st["params"], st["moments"], st["counters"], mem["bytes"],
-                                           mem["transient"], mem["missing"], mem["frozen_with_grad"]))
-    counted = all_reduce_int(counted_gemm_flops(run, batches[0], tcfg, device), device)
+        all_reduce_int(x) for x in (st["params"], st["moments"], st["counters"], mem["bytes"],
+                                    mem["transient"], mem["missing"], mem["frozen_with_grad"]))
+    counted = all_reduce_int(counted_gemm_flops(run, batches[0], tcfg, device))
     gathered = {"blocks": 0, "root": 0}  # what FSDP all-gathers: frozen tensors too, unless hft-rep
     for name, p in run["model"].named_parameters():
         if isinstance(p, DTensor):
@@ -633,6 +633,18 @@ def main(argv=None):
             return launch(args, argv)
         torch.set_num_threads(args.threads or os.cpu_count() or 1)
     device = data.setup_distributed()
+    out = benchmark(args, modes, device)
+    if dist.get_rank() == 0:
+        print(report(out, modes))
+        if args.out:
+            checkpoint.write_json(args.out, jsonable(out), indent=1)
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+def benchmark(args, modes: list[str], device) -> dict:
+    """Every mode built, stepped, measured and predicted; the JSON report."""
     world = dist.get_world_size()
     if device.type == "cpu" and args.malloc == "reuse":
         reuse_heap()
@@ -655,7 +667,6 @@ def main(argv=None):
               f"{args.warmup}+{args.steps} steps, world {world}, {torch.get_num_threads()} thread(s)/rank, "
               f"dim {margs.dim} layers {margs.n_layers} vocab {margs.vocab_size} seq {seq} "
               f"batch {batch}x{args.accum}/rank on {device.type}")
-
     results = {}
     for group in ([[m] for m in modes] if sequential else [modes]):
         runs = [build(m, margs, tcfg, device, args) for m in group]
@@ -667,20 +678,8 @@ def main(argv=None):
         if args.profile:
             profile(runs, batches, tcfg, device)
         del runs
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-
-    cal = None
-    if not args.no_calibrate:
-        cal = calibrate(margs, seq, batch, train.compute_dtype(tcfg, device), device)
-        for r in results.values():
-            r["predicted_times_s"] = predict_seconds(r["cost_model"], cal, overlap=device.type == "cuda")
-            r["predicted_step_time_s"] = r["predicted_times_s"]["total"]
-    if device.type == "cuda":
-        for r in results.values():
-            r["mfu"] = r["flops_predicted"] / r["step_time_s"] / (args.peak_tflops * 1e12)
-
+        train.release_memory(device)
+    cal = predict_all(results, args, margs, seq, batch, tcfg, device)
     out = {"machine": machine(device),
            "settings": {"preset": args.preset, "model": {k: getattr(margs, k) for k in
                         ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_hidden_dim")},
@@ -695,17 +694,24 @@ def main(argv=None):
         h = out["ratios"]["hft"]
         out.update(predicted_step_ratio=h.get("predicted_step", h["flops"]), flop_ratio=h["flops"],
                    measured_step_ratio=h["measured_step"], measured_cpu_ratio=h["measured_cpu"])
-    if dist.get_rank() == 0:
-        print(report(out, modes))
-        if args.out:
-            with open(args.out, "w") as fh:
-                json.dump(jsonable(out), fh, indent=1)
-    dist.barrier()
-    dist.destroy_process_group()
-    return 0
+    return out
 
 
-def all_reduce_int(x, device) -> int:
+def predict_all(results: dict, args, margs, seq, batch, tcfg, device):
+    """The cost model's seconds per mode from this machine's calibration, and MFU on a GPU."""
+    cal = None
+    if not args.no_calibrate:
+        cal = calibrate(margs, seq, batch, train.compute_dtype(tcfg, device), device)
+        for r in results.values():
+            r["predicted_times_s"] = predict_seconds(r["cost_model"], cal, overlap=device.type == "cuda")
+            r["predicted_step_time_s"] = r["predicted_times_s"]["total"]
+    if device.type == "cuda":
+        for r in results.values():
+            r["mfu"] = r["flops_predicted"] / r["step_time_s"] / (args.peak_tflops * 1e12)
+    return cal
+
+
+def all_reduce_int(x) -> int:
     return int(round(data.all_sum(x)))
 
 
@@ -759,7 +765,7 @@ def profile(runs, batches, tcfg, device, steps=3, rows=24) -> dict:
             table.setdefault(e.key, {})[run["mode"]] = (t / 1e3 / steps, e.count // steps)
     modes = [r["mode"] for r in runs]
     if dist.get_rank() == 0:
-        print(f"\nprofile, rank 0, per step (self time ms / calls):")
+        print("\nprofile, rank 0, per step (self time ms / calls):")
         print(f"{'op':<58}" + "".join(f"{m:>18}" for m in modes))
         top = sorted(table, key=lambda k: -table[k].get(modes[0], (0, 0))[0])[:rows]
         for k in top:
@@ -900,7 +906,7 @@ def plan(cfg: dict, world_size: int, gpu_memory_gib: float = 80.0) -> dict:
 
 def plan_settings(stage: dict, world: int) -> tuple[dict, int]:
     """The stage's [train] settings as a GPU run resolves them, and its micro-batches per step."""
-    t = dict(stage["train_cfg"])
+    t = dict(stage["train"])
     t["precision"] = "bf16" if t["precision"] == "auto" else t["precision"]
     share = world * t["micro_batch_size"]
     if t["batch_size"] % share:
@@ -1037,7 +1043,7 @@ def plan_data(cfg: dict, stage: dict, world: int) -> dict:
     sft/dpo: from the number of records, an upper bound (tokenizing Tulu V2 takes minutes; the
     loader drops what truncation leaves without a target token). lm: exact, from tokenizing the
     documents into windows as data.load_examples does."""
-    t, path, tok = stage["train_cfg"], stage["train"], cfg["model"]["tokenizer"]
+    t, path, tok = stage["train"], stage["data"], cfg["model"]["tokenizer"]
     out = {"path": path, "examples": None, "examples_are": None, "steps": None, "tokens_max": None}
     missing = [f for f in (path, tok) if not os.path.isfile(f)]
     if missing:

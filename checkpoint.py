@@ -489,11 +489,27 @@ def load_model(path, dtype: torch.dtype = torch.float32, device="cpu",
     with torch.device("meta"):
         model = Transformer(reader.args).to(dtype)
     model.to_empty(device=device)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(reader.get(name, dtype))
     model.init_buffers()
+    fill_weights(model, reader)
     return model
+
+
+@torch.no_grad()
+def fill_weights(model: Transformer, reader: "CheckpointReader", whole_dtype=None):
+    """Copy the checkpoint into a materialised model, one tensor at a time. A sharded parameter
+    (an FSDP2 DTensor) keeps only this rank's shard of it, so no rank ever holds the whole model
+    twice; a whole parameter takes the tensor in `whole_dtype` (default: the parameter's own)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    for name, p in model.named_parameters():
+        local = p.to_local() if isinstance(p, DTensor) else p
+        full = reader.get(name, dtype=local.dtype).to(local.device)
+        if isinstance(p, DTensor):  # every rank holds `full`: split it locally, no scatter
+            local.copy_(distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local())
+        elif whole_dtype in (None, p.dtype):
+            p.copy_(full)
+        else:
+            p.data = full.to(whole_dtype)
+        del full
 
 
 def _plain(t: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:

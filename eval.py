@@ -824,26 +824,42 @@ def write_report(out_dir: str, base: dict | None, stages: list[dict]) -> dict:
     percentage; for lower-is-better metrics (perplexity) it is base / score, so 100% always
     means "as good as the base model" and less means forgotten."""
     base = base or {}
-    base_evals, base_probes = base.get("evals") or {}, base.get("probes") or {}
+    base_evals = base.get("evals") or {}
     tasks = [s for s in stages if s.get("eval_files")]
-
-    def task_score(results: dict, task: dict, where: str):
-        missing = [f for f in task["eval_files"] if f not in results]
-        if missing:
-            raise ValueError(f"write_report: {where} has no result for {missing} "
-                             f"(eval files of stage {task['name']!r})")
-        return sum(results[f]["score"] for f in task["eval_files"]) / len(task["eval_files"])
-
-    R = [[task_score(t["evals"], tasks[i], f"stage {t['name']!r}") for i in range(k + 1)]
+    R = [[_task_score(t["evals"], tasks[i], f"stage {t['name']!r}") for i in range(k + 1)]
          for k, t in enumerate(tasks)]
     base_row = None
     if tasks and all(f in base_evals for t in tasks for f in t["eval_files"]):
-        base_row = [task_score(base_evals, t, "base") for t in tasks]
+        base_row = [_task_score(base_evals, t, "base") for t in tasks]
     cm = continual_metrics(R) if R else {"OP": None, "BWT": None}
+    report = {
+        "tasks": [{"name": t["name"], "eval_files": list(t["eval_files"])} for t in tasks],
+        "R": R, "base_row": base_row, "OP": cm["OP"], "BWT": cm["BWT"],
+        "probes": _probe_rows(base.get("probes") or {}, stages),
+        "stages": [{"name": s["name"], "eval_files": list(s.get("eval_files") or []),
+                    "evals": {f: r["score"] for f, r in (s.get("evals") or {}).items()},
+                    "probes": {f: r["score"] for f, r in (s.get("probes") or {}).items()}}
+                   for s in stages],
+    }
+    os.makedirs(out_dir, exist_ok=True)
+    _write_atomic(os.path.join(out_dir, "report.json"), json.dumps(report, indent=2) + "\n")
+    _write_atomic(os.path.join(out_dir, "report.md"), _report_md(report, [s["name"] for s in stages]))
+    return report
 
-    probe_files = list(dict.fromkeys([*base_probes, *(f for s in stages for f in s.get("probes") or {})]))
+
+def _task_score(results: dict, task: dict, where: str) -> float:
+    missing = [f for f in task["eval_files"] if f not in results]
+    if missing:
+        raise ValueError(f"write_report: {where} has no result for {missing} "
+                         f"(eval files of stage {task['name']!r})")
+    return sum(results[f]["score"] for f in task["eval_files"]) / len(task["eval_files"])
+
+
+def _probe_rows(base_probes: dict, stages: list[dict]) -> dict:
+    """Each probe file's score and retention after every stage."""
+    files = list(dict.fromkeys([*base_probes, *(f for s in stages for f in s.get("probes") or {})]))
     probes = {}
-    for f in probe_files:
+    for f in files:
         b = base_probes.get(f)
         first = b or next(s["probes"][f] for s in stages if f in (s.get("probes") or {}))
         hib = _higher_is_better(first)
@@ -858,15 +874,11 @@ def write_report(out_dir: str, base: dict | None, stages: list[dict]) -> dict:
             rows.append({"stage": s["name"], "score": score, "retention": ret})
         probes[f] = {"metric": first.get("metric"), "higher_is_better": hib,
                      "base": None if b is None else b["score"], "stages": rows}
+    return probes
 
-    report = {
-        "tasks": [{"name": t["name"], "eval_files": list(t["eval_files"])} for t in tasks],
-        "R": R, "base_row": base_row, "OP": cm["OP"], "BWT": cm["BWT"], "probes": probes,
-        "stages": [{"name": s["name"], "eval_files": list(s.get("eval_files") or []),
-                    "evals": {f: r["score"] for f, r in (s.get("evals") or {}).items()},
-                    "probes": {f: r["score"] for f, r in (s.get("probes") or {}).items()}} for s in stages],
-    }
 
+def _report_md(report: dict, stage_names: list[str]) -> str:
+    tasks, R, base_row = report["tasks"], report["R"], report["base_row"]
     md = ["# Continual-learning report", ""]
     if tasks:
         md += ["## R: score on task i (columns) after stage t (rows)", "",
@@ -875,25 +887,22 @@ def write_report(out_dir: str, base: dict | None, stages: list[dict]) -> dict:
         if base_row is not None:
             md.append("| (base) | " + " | ".join(_num(x) for x in base_row) + " |")
         for t, row in zip(tasks, R):
-            md.append(f"| {t['name']} | " + " | ".join(_num(x) for x in row + [None] * (len(tasks) - len(row))) + " |")
-        md += ["", f"**OP** {_num(cm['OP'])}  **BWT** {_num(cm['BWT'])}  "
-               "(OP = mean of the last row; BWT = (1/T) sum_i (R[T][i] - R[i][i]), TRACE's definition)", "",
+            cells = [_num(x) for x in row + [None] * (len(tasks) - len(row))]
+            md.append(f"| {t['name']} | " + " | ".join(cells) + " |")
+        md += ["", f"**OP** {_num(report['OP'])}  **BWT** {_num(report['BWT'])}  (OP = mean of the "
+               "last row; BWT = (1/T) sum_i (R[T][i] - R[i][i]), TRACE's definition)", "",
                "Task files: " + "; ".join(f"{t['name']}: {', '.join(t['eval_files'])}" for t in tasks), ""]
-    if probes:
+    if report["probes"]:
         md += ["## Probes: score after each stage (retention vs the base model)", "",
-               "| probe | metric | base | " + " | ".join(s["name"] for s in stages) + " |",
-               "|---|---|---|" + "---|" * len(stages)]
-        for f, p in probes.items():
+               "| probe | metric | base | " + " | ".join(stage_names) + " |",
+               "|---|---|---|" + "---|" * len(stage_names)]
+        for f, p in report["probes"].items():
             cells = [("" if r["score"] is None else _num(r["score"]) +
                       ("" if r["retention"] is None else f" ({r['retention']:.1f}%)")) for r in p["stages"]]
             metric = f"{p['metric']}" + ("" if p["higher_is_better"] else " (lower is better)")
             md.append(f"| {os.path.basename(f)} | {metric} | {_num(p['base'])} | " + " | ".join(cells) + " |")
         md.append("")
-
-    os.makedirs(out_dir, exist_ok=True)
-    _write_atomic(os.path.join(out_dir, "report.json"), json.dumps(report, indent=2) + "\n")
-    _write_atomic(os.path.join(out_dir, "report.md"), "\n".join(md))
-    return report
+    return "\n".join(md)
 
 
 # ---------------------------------------------------------------------------------------------

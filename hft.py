@@ -91,7 +91,8 @@ def _classify(name: str) -> tuple[str, int | None]:
                      "names: layers.N.attention.wq.weight, layers.N.ffn_norm.weight, output.weight, ...)")
 
 
-def _check(granularity: str, ratio: float):
+def check_settings(granularity: str, ratio: float):
+    """The [hft] settings, each error naming its key (train.py checks configs with it)."""
     if granularity not in GRANULARITIES:
         raise ValueError(f"hft.granularity = {granularity!r}: expected one of {', '.join(GRANULARITIES)}")
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
@@ -133,7 +134,7 @@ def _balanced(groups: list[list[str]], q: Fraction, rng: random.Random) -> list[
 def select_trainable(model: nn.Module, granularity: str = "category", ratio: float = 0.5,
                      seed: int = 0, stage: int = 0, train_embeddings: bool = True) -> set[str]:
     """The Meta names of the parameters that train in this stage (see the module docstring)."""
-    _check(granularity, ratio)
+    check_settings(granularity, ratio)
     names = [meta_name(n) for n, _ in model.named_parameters()]
     layers = _layers(names)
     q = _fraction(ratio)
@@ -206,7 +207,7 @@ class ElementMask:
     """
 
     def __init__(self, model: nn.Module, ratio: float, seed: int = 0, stage: int = 0):
-        _check("parameter", ratio)
+        check_settings("parameter", ratio)
         self.ratio, self.seed, self.stage = ratio, seed, stage
         self.masks: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # name -> (param, frozen shard)
         self._trainable = 0
@@ -322,7 +323,7 @@ def load_mask(path: str | os.PathLike) -> dict:
     if missing:
         raise ValueError(f"{path}: missing key(s) {', '.join(missing)}")
     try:
-        _check(mask["granularity"], mask["ratio"])
+        check_settings(mask["granularity"], mask["ratio"])
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
     if not isinstance(mask["trainable"], list) or not all(isinstance(n, str) for n in mask["trainable"]):
@@ -365,7 +366,7 @@ def reset_half(base, tuned, out, ratio: float = 0.5, seed: int = 0, granularity:
     if granularity not in RESET_GRANULARITIES:
         raise ValueError(f"reset: granularity {granularity!r}: expected one of "
                          f"{', '.join(RESET_GRANULARITIES)}")
-    _check(granularity, ratio)
+    check_settings(granularity, ratio)
     b, t = CheckpointReader(base), CheckpointReader(tuned)
     t.validate()
     b.validate()

@@ -37,13 +37,15 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 import data
+import eval as ev
 import hft
 from data import all_sum, hard_exit, setup_distributed
-from checkpoint import CheckpointReader, atomic_file, replace_dir, save_checkpoint, write_json
+from checkpoint import (CheckpointReader, atomic_file, fill_weights, replace_dir, save_checkpoint,
+                        write_json)
 from model import Transformer
 
 # ---------------------------------------------------------------------------------------------
@@ -66,7 +68,7 @@ DEFAULTS = {
     "stages": [],
 }
 CHOICES = {
-    "hft.granularity": ("category", "layer", "model", "parameter", "none"),
+    "hft.granularity": hft.GRANULARITIES,
     "train.schedule": ("linear", "cosine", "constant"), "train.precision": ("auto", "bf16", "fp32"),
     "train.device": ("auto", "cuda", "cpu"),
     "train.export_format": ("meta", "hf"), "train.export_dtype": ("fp32", "bf16"),
@@ -123,26 +125,7 @@ def load_config(path: str, overrides: list[str] = ()) -> dict:
         raise ConfigError(f"config file not found: {path}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: {e}") from None
-    it = iter(overrides)
-    for tok in it:
-        if not tok.startswith("--"):
-            raise ConfigError(f"command line: expected --section.key value, got {tok!r}")
-        key, eq, val = tok[2:].partition("=")
-        if not eq:
-            val = next(it, None)
-            if val is None:
-                raise ConfigError(f"command line: --{key} needs a value")
-        parts = key.split(".")
-        node = raw
-        for i, p in enumerate(parts[:-1]):
-            if isinstance(node, list):
-                if not p.isdigit() or int(p) >= len(node):
-                    raise ConfigError(f"command line: --{key}: no stage {p!r} (config has {len(node)} stages)")
-                node = node[int(p)]
-            else:
-                node = node.setdefault(p, [] if p == "stages" else {})
-        node[parts[-1]] = _parse_override(val)
-
+    apply_overrides(raw, overrides)
     cfg = copy.deepcopy(DEFAULTS)
     for key, val in raw.items():
         if key not in DEFAULTS:
@@ -162,47 +145,74 @@ def load_config(path: str, overrides: list[str] = ()) -> dict:
         raise ConfigError(f"{path}: 'model.path' is required (a Meta or HF checkpoint directory)")
     if cfg["model"]["tokenizer"] is None:
         cfg["model"]["tokenizer"] = os.path.join(cfg["model"]["path"], "tokenizer.model")
-    stages = raw.get("stages", [])
-    if not stages:
+    if not raw.get("stages"):
         raise ConfigError(f"{path}: no [[stages]]: nothing to train")
-    names = set()
-    for i, st in enumerate(stages):
-        where = f"stages[{i}]"
-        for k in ("name", "kind", "train"):
-            if k not in st:
-                raise ConfigError(f"{path}: {where} is missing '{k}'")
-        s = {"name": st["name"], "kind": _check_value("stages.kind", st["kind"], ""), "train": st["train"],
-             "eval": st.get("eval", []), "hft": dict(cfg["hft"]), "train_cfg": dict(cfg["train"])}
-        if (not isinstance(s["name"], str) or not STAGE_NAME.fullmatch(s["name"]) or s["name"] in names
-                or s["name"] in RESERVED):
-            raise ConfigError(f"{path}: {where}.name must be a unique plain name (letters, digits, "
-                              f"'_', '-', '.', not starting with '.' or '-'; it names a directory "
-                              f"in out_dir, other than {', '.join(sorted(RESERVED))}), got {s['name']!r}")
-        names.add(s["name"])
-        if isinstance(s["eval"], str):
-            s["eval"] = [s["eval"]]
-        for k, v in st.items():
-            if k in STAGE_KEYS:
-                continue
-            if k == "device":
-                raise ConfigError(f"{path}: {where}.device: train.device applies to the whole run; "
-                                  "set it in [train]")
-            if k in DEFAULTS["train"]:
-                s["train_cfg"][k] = _check_value(f"{where}.{k}", v, DEFAULTS["train"][k])
-            elif k in DEFAULTS["hft"]:
-                s["hft"][k] = _check_value(f"{where}.{k}", v, DEFAULTS["hft"][k])
-            else:
-                raise ConfigError(f"{path}: unknown config key '{where}.{k}'")
-        cfg_checks(s, f"{path}: {where}")
-        stages[i] = s
-    cfg["stages"] = stages
+    cfg["stages"] = [resolve_stage(st, i, cfg, path) for i, st in enumerate(raw["stages"])]
+    names = [s["name"] for s in cfg["stages"]]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{path}: stage names must be unique, got {names}")
     check_together(cfg, path)
     return cfg
 
 
+def apply_overrides(raw: dict, overrides: list[str]):
+    """`--a.b value`, `--a.b=value` and `--stages.N.key value`, into the TOML's dict."""
+    it = iter(overrides)
+    for tok in it:
+        if not tok.startswith("--"):
+            raise ConfigError(f"command line: expected --section.key value, got {tok!r}")
+        key, eq, val = tok[2:].partition("=")
+        if not eq:
+            val = next(it, None)
+            if val is None:
+                raise ConfigError(f"command line: --{key} needs a value")
+        parts = key.split(".")
+        node = raw
+        for p in parts[:-1]:
+            if isinstance(node, list):
+                if not p.isdigit() or int(p) >= len(node):
+                    raise ConfigError(f"command line: --{key}: no stage {p!r} (config has "
+                                      f"{len(node)} stages)")
+                node = node[int(p)]
+            else:
+                node = node.setdefault(p, [] if p == "stages" else {})
+        node[parts[-1]] = _parse_override(val)
+
+
+def resolve_stage(st: dict, i: int, cfg: dict, path: str) -> dict:
+    """One [[stages]] table with the run's [train] and [hft] under its own overrides. The TOML's
+    `train` is the stage's data file (stage["data"]); its settings are stage["train"]."""
+    where = f"stages[{i}]"
+    for k in ("name", "kind", "train"):
+        if k not in st:
+            raise ConfigError(f"{path}: {where} is missing '{k}'")
+    s = {"name": st["name"], "kind": _check_value("stages.kind", st["kind"], ""), "data": st["train"],
+         "eval": st.get("eval", []), "hft": dict(cfg["hft"]), "train": dict(cfg["train"])}
+    if not isinstance(s["name"], str) or not STAGE_NAME.fullmatch(s["name"]) or s["name"] in RESERVED:
+        raise ConfigError(f"{path}: {where}.name must be a unique plain name (letters, digits, '_', "
+                          f"'-', '.', not starting with '.' or '-'; it names a directory in out_dir, "
+                          f"other than {', '.join(sorted(RESERVED))}), got {s['name']!r}")
+    if isinstance(s["eval"], str):
+        s["eval"] = [s["eval"]]
+    for k, v in st.items():
+        if k in STAGE_KEYS:
+            continue
+        if k == "device":
+            raise ConfigError(f"{path}: {where}.device: train.device applies to the whole run; "
+                              "set it in [train]")
+        if k in DEFAULTS["train"]:
+            s["train"][k] = _check_value(f"{where}.{k}", v, DEFAULTS["train"][k])
+        elif k in DEFAULTS["hft"]:
+            s["hft"][k] = _check_value(f"{where}.{k}", v, DEFAULTS["hft"][k])
+        else:
+            raise ConfigError(f"{path}: unknown config key '{where}.{k}'")
+    cfg_checks(s, f"{path}: {where}")
+    return s
+
+
 def cfg_checks(s: dict, where: str):
     """One stage's settings, each on its own and those that only make sense together."""
-    t = s["train_cfg"]
+    t = s["train"]
     for key in ("batch_size", "micro_batch_size", "epochs", "replicate"):
         if t[key] < 1:
             raise ConfigError(f"{where}: train.{key} must be >= 1, got {t[key]}")
@@ -218,8 +228,10 @@ def cfg_checks(s: dict, where: str):
                           f"train.micro_batch_size = {t['micro_batch_size']}")
     if s["kind"] == "dpo" and t["dpo_beta"] <= 0:
         raise ConfigError(f"{where}: train.dpo_beta must be > 0 for a dpo stage, got {t['dpo_beta']}")
-    if not 0 < s["hft"]["ratio"] <= 1:
-        raise ConfigError(f"{where}: hft.ratio must be in (0, 1], got {s['hft']['ratio']}")
+    try:
+        hft.check_settings(s["hft"]["granularity"], s["hft"]["ratio"])
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def check_together(cfg: dict, path: str):
@@ -292,11 +304,10 @@ def shard_model(model: Transformer, tcfg: dict, device) -> Transformer:
     return model
 
 
-def build_model(path: str, tcfg: dict, trainable: set[str] | None, device, max_seq_len: int):
+def build_model(reader: CheckpointReader, tcfg: dict, trainable: set[str] | None, device) -> Transformer:
     """Meta-device build -> HFT requires_grad -> shard -> materialise -> copy weights tensor by
-    tensor, each rank keeping only its shard (no rank ever holds a full copy of the model)."""
-    reader = CheckpointReader(path, max_seq_len=max_seq_len)
-    reader.validate()
+    tensor, each rank keeping only its shard (no rank ever holds a full copy of the model).
+    Frozen tensors outside FSDP (train.replicate_frozen) are whole, in the compute dtype."""
     with torch.device("meta"):
         model = Transformer(reader.args)
     if trainable is not None:
@@ -306,17 +317,8 @@ def build_model(path: str, tcfg: dict, trainable: set[str] | None, device, max_s
     shard_model(model, tcfg, device)
     model.to_empty(device=device)
     model.init_buffers()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            full = reader.get(name, dtype=torch.float32).to(device)
-            if isinstance(p, DTensor):
-                local = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local()
-                p.to_local().copy_(local)
-                del local
-            else:  # a frozen tensor outside FSDP (train.replicate_frozen): whole, compute dtype
-                p.data = full.to(compute_dtype(tcfg, device))
-            del full
-    return model, reader
+    fill_weights(model, reader, whole_dtype=compute_dtype(tcfg, device))
+    return model
 
 
 def _checkpoint_block(block):
@@ -610,7 +612,7 @@ def run_stage(cfg, idx, stage, init_path, tok, device) -> dict:
 
 def prepare_stage(cfg, idx, stage, init_path, tok, device) -> StageRun:
     """Data, mask (new or resumed), model, optimizer, DPO reference and resume point."""
-    name, kind, t, h = stage["name"], stage["kind"], stage["train_cfg"], stage["hft"]
+    name, kind, t, h = stage["name"], stage["kind"], stage["train"], stage["hft"]
     stage_dir = os.path.join(cfg["out_dir"], name)
     rank, world, seed = dist.get_rank(), dist.get_world_size(), cfg["seed"]
     # All of the stage's data is read and validated before anything is built or trained.
@@ -619,8 +621,10 @@ def prepare_stage(cfg, idx, stage, init_path, tok, device) -> StageRun:
     sampler = data.StepSampler(len(examples), t["batch_size"], t["micro_batch_size"], world, rank,
                                seed, idx, t["epochs"])
     total = sampler.total_steps if not t["max_steps"] else min(t["max_steps"], sampler.total_steps)
-    mask = stage_mask(cfg, idx, stage, init_path)
-    model, reader = build_model(init_path, t, set(mask["trainable"]), device, cfg["model"]["max_seq_len"])
+    reader = CheckpointReader(init_path, max_seq_len=cfg["model"]["max_seq_len"])
+    reader.validate()
+    mask = stage_mask(cfg, idx, stage, reader.args)
+    model = build_model(reader, t, set(mask["trainable"]), device)
     if rank == 0:
         log(f"\n== stage {idx} '{name}' ({kind}) from {init_path}: {len(examples)} examples, "
             f"{total} steps, compute {str(compute_dtype(t, device))[6:]}\n"
@@ -648,10 +652,10 @@ def stage_examples(cfg, idx, stage, tok) -> data.Mixture:
     examples have the same shape: lm and sft into lm or sft, dpo into dpo."""
     quiet = (lambda *a, **k: None)
     load = lambda st, log_fn=log: data.cached_examples(  # noqa: E731
-        st["train"], st["kind"], tok, cfg["model"]["max_seq_len"],
+        st["data"], st["kind"], tok, cfg["model"]["max_seq_len"],
         os.path.join(cfg["out_dir"], "tokenized"), log=log_fn if dist.get_rank() == 0 else quiet)
     own = load(stage)
-    r, pairs = stage["train_cfg"]["replay"], stage["kind"] == "dpo"
+    r, pairs = stage["train"]["replay"], stage["kind"] == "dpo"
     earlier = [st for st in cfg["stages"][:idx] if (st["kind"] == "dpo") == pairs]
     if not r or not earlier:
         if r:
@@ -684,7 +688,7 @@ def check_sources(stage_dir: str, name: str, fingerprints: list[dict]):
                 f"file, or delete {os.path.join(stage_dir, 'checkpoints')} to restart the stage")
 
 
-def stage_mask(cfg, idx, stage, init_path) -> dict:
+def stage_mask(cfg, idx, stage, args) -> dict:
     """The stage's HFT mask: the one it saved if it is resuming, never a new draw; else a new
     draw from (seed, stage index), written to <stage>/mask.json before any training."""
     path = os.path.join(cfg["out_dir"], stage["name"], "mask.json")
@@ -692,7 +696,7 @@ def stage_mask(cfg, idx, stage, init_path) -> dict:
         return hft.load_mask(path)
     h = stage["hft"]
     with torch.device("meta"):
-        shapes = Transformer(CheckpointReader(init_path, cfg["model"]["max_seq_len"]).args)
+        shapes = Transformer(args)
     mask = hft.make_mask(shapes, h["granularity"], h["ratio"], cfg["seed"], idx, h["train_embeddings"])
     if dist.get_rank() == 0:
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -834,7 +838,6 @@ def evaluate_all(cfg, model, tok, files, tcfg: dict, device) -> dict:
     """{"evals": {path: result}, "probes": {path: result}}: `model` scored on the eval entries
     `files` and on [eval] probes, its weights all-gathered once for all of them (not per token).
     `tcfg`: the [train] settings the model was built with; its compute dtype is the KV cache's."""
-    import eval as ev
     e = cfg["eval"]
     kw = dict(max_new_tokens=e["max_new_tokens"], batch_size=e["batch_size"],
               max_batch_tokens=e["max_batch_tokens"], dtype=compute_dtype(tcfg, device))
@@ -842,87 +845,104 @@ def evaluate_all(cfg, model, tok, files, tcfg: dict, device) -> dict:
     with ev.gathered(model):
         for group, items in (("evals", files), ("probes", e["probes"])):
             for item in items:
-                path, metric = (item, None) if isinstance(item, str) else (item["path"], item.get("metric"))
-                out[group][path] = ev.evaluate_file(model, tok, path, metric=metric, **kw)
+                metric = None if isinstance(item, str) else item.get("metric")
+                out[group][_eval_path(item)] = ev.evaluate_file(model, tok, _eval_path(item),
+                                                                metric=metric, **kw)
     return out
 
 
 def run(cfg: dict):
+    """Every stage of the config in order, each scored after it, then the report and summary."""
+    device, tok = start_run(cfg)
+    out, has_evals = cfg["out_dir"], bool(cfg["eval"]["probes"]) or any(s["eval"] for s in cfg["stages"])
+    base = read_json(os.path.join(out, "base_eval.json")) if has_evals else None
+    init_path = cfg["model"]["path"]
+    all_stats, stage_evals = [], []
+    for idx, stage in enumerate(cfg["stages"]):
+        stage_dir = os.path.join(out, stage["name"])
+        if os.path.exists(os.path.join(stage_dir, "done.json")):  # finished stages are not retrained
+            log(f"stage '{stage['name']}' is done ({stage_dir}/done.json); skipping")
+            all_stats.append(read_json(os.path.join(stage_dir, "done.json")))
+            scores = read_json(os.path.join(stage_dir, "eval.json"))
+            if scores is not None:
+                stage_evals.append(scores)
+            init_path = stage_dir
+            continue
+        if has_evals and base is None:
+            base = evaluate_base(cfg, init_path, tok, device)
+        res = run_stage(cfg, idx, stage, init_path, tok, device)
+        scores = None
+        if has_evals:
+            seen = [e for s in cfg["stages"][:idx + 1] for e in s["eval"]]
+            scores = {"name": stage["name"], "eval_files": [_eval_path(e) for e in stage["eval"]],
+                      **evaluate_all(cfg, res["model"], tok, seen, stage["train"], device)}
+            stage_evals.append(scores)
+        del res["model"]
+        release_memory(device)  # the next stage's model must not share the GPU with this one
+        finish_stage(cfg, stage, res["stats"], scores)
+        all_stats.append(res["stats"])
+        init_path = stage_dir
+    report = None
+    if dist.get_rank() == 0:
+        if has_evals:
+            report = ev.write_report(out, base, stage_evals)
+        write_json(os.path.join(out, "summary.json"), {"stages": all_stats})
+        print_summary(all_stats)
+    dist.barrier()
+    return report
+
+
+def start_run(cfg: dict):
+    """Process group, first log line, every file checked, out_dir shared and the config recorded,
+    before anything is built. Returns (device, tokenizer)."""
     try:
         device = setup_distributed(cfg["train"]["device"])
     except ValueError as e:  # train.device = "cuda" without a GPU
         raise ConfigError(str(e)) from None
-    rank = dist.get_rank()
-    out = cfg["out_dir"]
+    t0 = cfg["stages"][0]["train"]
     log(f"hft: world size {dist.get_world_size()}, backend {dist.get_backend()}, device "
-        f"{describe(device)}, compute {str(compute_dtype(cfg['stages'][0]['train_cfg'], device))[6:]} "
-        f"(train.precision = {cfg['stages'][0]['train_cfg']['precision']}), out_dir {out}")
-    for s in cfg["stages"]:  # fail before any compute when a file is missing
-        for f in [s["train"]] + [e if isinstance(e, str) else e.get("path", "") for e in s["eval"]]:
+        f"{describe(device)}, compute {str(compute_dtype(t0, device))[6:]} (train.precision = "
+        f"{t0['precision']}), out_dir {cfg['out_dir']}")
+    for s in cfg["stages"]:
+        for f in [s["data"]] + [_eval_path(e) for e in s["eval"]]:
             if not os.path.isfile(f):
                 raise ConfigError(f"stage '{s['name']}': file not found: {f}")
     for p in cfg["eval"]["probes"]:
         if not os.path.isfile(p):
             raise ConfigError(f"eval.probes: file not found: {p}")
     tok = data.Tokenizer(cfg["model"]["tokenizer"])
-    if rank == 0:
-        os.makedirs(out, exist_ok=True)
-    check_shared_dir(out)
-    record_config(cfg, out)
+    if dist.get_rank() == 0:
+        os.makedirs(cfg["out_dir"], exist_ok=True)
+    check_shared_dir(cfg["out_dir"])
+    record_config(cfg, cfg["out_dir"])
     torch.manual_seed(cfg["seed"])
-    has_evals = bool(cfg["eval"]["probes"]) or any(s["eval"] for s in cfg["stages"])
+    return device, tok
 
-    base_path = os.path.join(out, "base_eval.json")
-    base = None
-    if has_evals and os.path.exists(base_path):
-        with open(base_path) as f:
-            base = json.load(f)
-    init_path = cfg["model"]["path"]
-    all_stats, stage_evals = [], []
-    for idx, stage in enumerate(cfg["stages"]):
-        stage_dir = os.path.join(out, stage["name"])
-        done_path = os.path.join(stage_dir, "done.json")
-        if os.path.exists(done_path):  # finished stages are not retrained
-            log(f"stage '{stage['name']}' is done ({done_path}); skipping")
-            with open(done_path) as f:
-                all_stats.append(json.load(f))
-            ev_path = os.path.join(stage_dir, "eval.json")
-            if os.path.exists(ev_path):
-                with open(ev_path) as f:
-                    stage_evals.append(json.load(f))
-            init_path = stage_dir
-            continue
-        if has_evals and base is None:  # the base model, scored once on every eval file and probe
-            model, _ = build_model(init_path, cfg["stages"][0]["train_cfg"], None, device,
-                                   cfg["model"]["max_seq_len"])
-            files = [e for s in cfg["stages"] for e in s["eval"]]
-            base = evaluate_all(cfg, model, tok, files, cfg["stages"][0]["train_cfg"], device)
-            del model
-            release_memory(device)
-            if rank == 0:
-                write_json(base_path, base)
-        res = run_stage(cfg, idx, stage, init_path, tok, device)
-        ev = None
-        if has_evals:
-            seen = [e for s in cfg["stages"][:idx + 1] for e in s["eval"]]
-            ev = {"name": stage["name"], "eval_files": [e if isinstance(e, str) else e["path"] for e in stage["eval"]],
-                  **evaluate_all(cfg, res["model"], tok, seen, stage["train_cfg"], device)}
-            stage_evals.append(ev)
-        del res["model"]
-        release_memory(device)  # the next stage's model must not share the GPU with this one
-        finish_stage(cfg, stage, res["stats"], ev)
-        all_stats.append(res["stats"])
-        init_path = stage_dir
 
-    report = None
-    if rank == 0:
-        if has_evals:
-            import eval as ev_mod
-            report = ev_mod.write_report(out, base, stage_evals)
-        write_json(os.path.join(out, "summary.json"), {"stages": all_stats})
-        print_summary(all_stats)
-    dist.barrier()
-    return report
+def evaluate_base(cfg, init_path, tok, device) -> dict:
+    """The model the run starts from, scored once on every stage's eval files and the probes."""
+    reader = CheckpointReader(init_path, max_seq_len=cfg["model"]["max_seq_len"])
+    reader.validate()
+    model = build_model(reader, cfg["stages"][0]["train"], None, device)
+    files = [e for s in cfg["stages"] for e in s["eval"]]
+    base = evaluate_all(cfg, model, tok, files, cfg["stages"][0]["train"], device)
+    del model, reader
+    release_memory(device)
+    if dist.get_rank() == 0:
+        write_json(os.path.join(cfg["out_dir"], "base_eval.json"), base)
+    return base
+
+
+def _eval_path(entry) -> str:
+    return entry if isinstance(entry, str) else entry.get("path", "")
+
+
+def read_json(path: str):
+    """The JSON at path, or None when there is no file."""
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
 
 
 def record_config(cfg: dict, out: str):

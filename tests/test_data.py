@@ -609,7 +609,6 @@ def _cache_worker(rank, world, init_file, out_dir, spm_path, jobs):
         dist.barrier()
     finally:
         dist.destroy_process_group()
-    import data
     data.hard_exit(0)  # skip finalization: see data.hard_exit
 
 

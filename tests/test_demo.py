@@ -139,14 +139,14 @@ def test_recipes_load_and_each_has_an_fft_twin():
         assert [s["hft"]["granularity"] for s in hft_cfg["stages"]] == ["category"] * len(hft_cfg["stages"])
         assert [s["hft"]["granularity"] for s in fft_cfg["stages"]] == ["none"] * len(fft_cfg["stages"])
         for a, b in zip(hft_cfg["stages"], fft_cfg["stages"]):  # same data, same optimisation
-            assert (a["name"], a["train"], a["eval"], a["train_cfg"]) == (b["name"], b["train"], b["eval"], b["train_cfg"])
+            assert (a["name"], a["train"], a["eval"], a["train"]) == (b["name"], b["train"], b["eval"], b["train"])
         assert hft_cfg["out_dir"] != fft_cfg["out_dir"]
     trace = cfgs["trace_7b"]
     assert [s["name"] for s in trace["stages"]] == ["C-STANCE", "FOMC", "MeetingBank", "Py150", "ScienceQA",
                                                     "NumGLUE-cm", "NumGLUE-ds", "20Minuten"]
-    assert [s["train_cfg"]["epochs"] for s in trace["stages"]] == [5, 3, 7, 5, 3, 5, 5, 7]
-    assert {s["train_cfg"]["lr"] for s in trace["stages"]} == {1e-5}
-    sft, dpo = cfgs["tulu_sft_7b"]["stages"][0]["train_cfg"], cfgs["tulu_dpo_7b"]["stages"][0]["train_cfg"]
+    assert [s["train"]["epochs"] for s in trace["stages"]] == [5, 3, 7, 5, 3, 5, 5, 7]
+    assert {s["train"]["lr"] for s in trace["stages"]} == {1e-5}
+    sft, dpo = cfgs["tulu_sft_7b"]["stages"][0]["train"], cfgs["tulu_dpo_7b"]["stages"][0]["train"]
     assert (sft["lr"], sft["epochs"], sft["schedule"], sft["warmup_ratio"], sft["weight_decay"], sft["batch_size"]) \
         == (2e-5, 2, "linear", 0.03, 0.0, 128)
     assert (dpo["lr"], dpo["epochs"], dpo["dpo_beta"], dpo["warmup_ratio"], dpo["batch_size"]) == (5e-7, 3, 0.1, 0.1, 32)

@@ -562,7 +562,6 @@ def _dist_worker(rank, world, init_file, out_dir, args_dict, spm_path, files, st
         dist.barrier()
     finally:
         dist.destroy_process_group()
-    import data
     data.hard_exit(0)  # skip finalization: see data.hard_exit
 
 
@@ -681,7 +680,6 @@ def _gathered_worker(rank, world, init_file, out_dir, args_dict, spm_path):
         dist.barrier()
     finally:
         dist.destroy_process_group()
-    import data
     data.hard_exit(0)
 
 

@@ -19,6 +19,7 @@ from conftest import ROOT
 from test_train import load_weights, torchrun, world, write_cfg  # noqa: F401  (world: fixture)
 
 import collective_guard  # noqa: E402
+from checkpoint import CheckpointReader  # noqa: E402
 
 TRAIN = os.path.join(ROOT, "train.py")
 GUARD = os.path.join(ROOT, "tests", "collective_guard.py")
@@ -122,7 +123,7 @@ TCFG = {"precision": "bf16", "replicate": 1, "replicate_frozen": False, "activat
 
 def test_rotary_table_reaches_attention_in_float32_under_bf16(one_rank, tiny_ckpt):
     import train
-    model, _ = train.build_model(tiny_ckpt, TCFG, None, torch.device("cpu"), 64)
+    model = train.build_model(CheckpointReader(tiny_ckpt), TCFG, None, torch.device("cpu"))
     seen = []
     model.layers[0].attention.register_forward_pre_hook(lambda m, a: seen.append((a[0].dtype, a[1].dtype)))
     model(torch.randint(0, 320, (2, 16)))
@@ -133,7 +134,7 @@ def test_gradients_are_reduce_scattered_after_every_micro_batch(one_rank, tiny_c
     """Between micro-batches each trainable tensor holds its sharded gradient; a no-sync
     accumulation would hold unsharded fp32 gradients instead and leave .grad empty."""
     import train
-    model, _ = train.build_model(tiny_ckpt, TCFG, None, torch.device("cpu"), 64)
+    model = train.build_model(CheckpointReader(tiny_ckpt), TCFG, None, torch.device("cpu"))
     model.requires_grad_(True)
     trainable = list(model.parameters())
     mbs = [{"input_ids": torch.randint(3, 320, (2, 16)), "labels": torch.randint(3, 320, (2, 16))}
@@ -151,7 +152,7 @@ def test_gradients_are_reduce_scattered_after_every_micro_batch(one_rank, tiny_c
 
 def test_stop_between_micro_batches_drops_the_partial_step(one_rank, tiny_ckpt):
     import train
-    model, _ = train.build_model(tiny_ckpt, TCFG, None, torch.device("cpu"), 64)
+    model = train.build_model(CheckpointReader(tiny_ckpt), TCFG, None, torch.device("cpu"))
     model.requires_grad_(True)
     trainable = list(model.parameters())
     before = [p.detach().to_local().clone() for p in trainable]
@@ -167,8 +168,8 @@ def test_stop_between_micro_batches_drops_the_partial_step(one_rank, tiny_ckpt):
 
 def test_a_sharded_model_is_freed_by_del_and_gc(one_rank, tiny_ckpt):
     import train
-    model, reader = train.build_model(tiny_ckpt, dict(TCFG, activation_checkpointing=True), None,
-                                      torch.device("cpu"), 64)
+    reader = CheckpointReader(tiny_ckpt)
+    model = train.build_model(reader, dict(TCFG, activation_checkpointing=True), None, torch.device("cpu"))
     model(torch.randint(0, 320, (1, 8)))
     ref, p_ref = weakref.ref(model), weakref.ref(next(model.parameters()))
     del model, reader

@@ -308,7 +308,7 @@ def test_lm_steps_are_counted_exactly_and_element_masks_cost_their_bytes(tmp_pat
     cfg = train.load_config(str(write_tiny(tmp_path, spm_path)), ["--hft.granularity", "parameter"])
     text = tmp_path / "corpus.txt"
     text.write_text("the river city was born in the year of the apple " * 60)
-    lm = dict(cfg["stages"][0], kind="lm", train=str(text))
+    lm = dict(cfg["stages"][0], kind="lm", data=str(text))
     got = bench.plan_data(cfg, lm, 4)
     windows = len(data.load_examples(str(text), "lm", data.Tokenizer(spm_path), 64,
                                      log=lambda *a: None))

@@ -301,8 +301,8 @@ def test_config_overrides(world):
     import train
     cfg = write_cfg(world, "ov", two_stages(world))
     c = train.load_config(str(cfg), ["--train.lr", "3e-4", "--hft.granularity=none", "--stages.1.epochs", "2"])
-    assert c["stages"][0]["train_cfg"]["lr"] == 3e-4 and c["stages"][1]["train_cfg"]["epochs"] == 2
-    assert c["stages"][0]["train_cfg"]["epochs"] == 1 and c["stages"][0]["hft"]["granularity"] == "none"
+    assert c["stages"][0]["train"]["lr"] == 3e-4 and c["stages"][1]["train"]["epochs"] == 2
+    assert c["stages"][0]["train"]["epochs"] == 1 and c["stages"][0]["hft"]["granularity"] == "none"
     with pytest.raises(train.ConfigError, match="stages\\[0\\].bogus"):
         train.load_config(str(cfg), ["--stages.0.bogus", "1"])
     with pytest.raises(train.ConfigError, match="train.batch_size"):
@@ -388,14 +388,15 @@ def test_a_rerun_with_other_settings_warns_about_each_changed_key(world, one_ran
     train.record_config(changed, str(out))
     warnings = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("warning:")]
     assert len(warnings) == 4, warnings  # train.lr, the lr of both stages, one micro_batch_size
-    assert any("stages.1.train_cfg.micro_batch_size = 1 differs from 2" in w for w in warnings)
+    assert any("stages.1.train.micro_batch_size = 1 differs from 2" in w for w in warnings)
     assert json.load(open(out / "run_config.json"))["train"]["lr"] == 2e-3
 
 
 def test_no_loadable_checkpoint_is_an_error_naming_the_stage(one_rank, tiny_ckpt, tmp_path):
     import train
     tcfg = dict(train.DEFAULTS["train"], precision="fp32")
-    model, _ = train.build_model(tiny_ckpt, tcfg, None, torch.device("cpu"), 64)
+    from checkpoint import CheckpointReader
+    model = train.build_model(CheckpointReader(tiny_ckpt), tcfg, None, torch.device("cpu"))
     model.requires_grad_(True)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     stage_dir = str(tmp_path / "stage")

@@ -63,38 +63,46 @@ PRESETS = {
 }
 # mode -> HFT granularity. "hft-rep" is hft with the frozen tensors kept whole on every rank
 # instead of sharded (see shard): they then cost no all-gather at all, for their memory.
-MODES = {"fft": "none", "hft": "category", "layer": "layer", "model": "model", "hft-rep": "category"}
+MODES = {"fft": "none", "hft": "category", "layer": "layer", "model": "model",
+         "hft-rep": "category"}
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default=None, choices=sorted(PRESETS),
                     help="model shape (default: cpu on CPU, 7b on GPU)")
     for k in ("dim", "n_layers", "n_heads", "vocab_size", "seq", "batch"):
-        ap.add_argument("--" + k.replace("_", "-"), dest=k, type=int, default=None, help="override the preset")
+        ap.add_argument("--" + k.replace("_", "-"), dest=k, type=int, default=None,
+                        help="override the preset")
     ap.add_argument("--accum", type=int, default=1, help="micro-batches per step (per rank)")
     ap.add_argument("--modes", default="fft,hft", help=f"comma list of {', '.join(MODES)}")
-    ap.add_argument("--ratio", type=float, default=0.5, help="HFT ratio for the hft/layer/model modes")
+    ap.add_argument("--ratio", type=float, default=0.5,
+                    help="HFT ratio for the hft/layer/model modes")
     ap.add_argument("--steps", type=int, default=10, help="measured steps per mode")
     ap.add_argument("--warmup", type=int, default=2, help="unmeasured steps per mode first")
-    ap.add_argument("--precision", default=None, choices=("bf16", "fp32"), help="train.precision (default: bf16 on GPU, fp32 on CPU)")
+    ap.add_argument("--precision", default=None, choices=("bf16", "fp32"),
+                    help="train.precision (default: bf16 on GPU, fp32 on CPU)")
     ap.add_argument("--activation-checkpointing", action="store_true")
     ap.add_argument("--peak-tflops", type=float, default=989.0,
                     help="dense bf16 peak per GPU for MFU (H100/H200 SXM: 989)")
     ap.add_argument("--nproc", type=int, default=None, help="ranks (default: 2 on CPU, all GPUs)")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads per rank (default: cores / ranks)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads per rank (default: cores / ranks)")
     ap.add_argument("--sequential", action="store_true",
-                    help="one mode at a time (build, steps, free) when all modes do not fit at once; "
-                         "chosen by itself on a GPU when they would not")
+                    help="one mode at a time (build, steps, free) when all modes do not fit at "
+                         "once; chosen by itself on a GPU when they would not")
     ap.add_argument("--malloc", default="reuse", choices=("reuse", "default"),
-                    help="CPU: 'reuse' keeps freed memory in the heap (glibc mallopt) so that a step's "
-                         "buffers do not pay first-touch page faults again each step, as a GPU caching "
-                         "allocator would not; 'default' measures glibc as it comes")
-    ap.add_argument("--profile", action="store_true", help="print torch.profiler's top ops for one step per mode")
-    ap.add_argument("--no-calibrate", action="store_true", help="skip the speed microbenchmarks (FLOP ratio only)")
+                    help="CPU: 'reuse' keeps freed memory in the heap (glibc mallopt) so that a "
+                         "step's buffers do not pay first-touch page faults again each step, as a "
+                         "GPU caching allocator would not; 'default' measures glibc as it comes")
+    ap.add_argument("--profile", action="store_true",
+                    help="print torch.profiler's top ops for one step per mode")
+    ap.add_argument("--no-calibrate", action="store_true",
+                    help="skip the speed microbenchmarks (FLOP ratio only)")
     ap.add_argument("--predict-only", action="store_true",
-                    help="print the cost model's FLOP and byte ratios for the shape (no run, no device; "
-                         "world size from --nproc, default 8)")
+                    help="print the cost model's FLOP and byte ratios for the shape (no run, no "
+                         "device; world size from --nproc, default 8)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     return ap.parse_args(argv)
@@ -116,8 +124,8 @@ def launch(args, argv):
             skip = True
             continue
         rest.append(a)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-           os.path.abspath(__file__), *rest]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={args.nproc}", os.path.abspath(__file__), *rest]
     return subprocess.call(cmd, env=env)
 
 
@@ -139,13 +147,16 @@ def build(mode: str, margs: ModelArgs, tcfg: dict, device, args) -> dict:
     with torch.no_grad():
         for name, p in model.named_parameters():
             local, g = (p.to_local(), shards) if isinstance(p, DTensor) else (p, whole)
-            local.fill_(1.0) if name.endswith("norm.weight") else local.normal_(0.0, 0.02, generator=g)
-            if not isinstance(p, DTensor):  # replicated frozen tensor: compute dtype, as train.build_model
+            (local.fill_(1.0) if name.endswith("norm.weight")
+             else local.normal_(0.0, 0.02, generator=g))
+            # replicated frozen tensor: compute dtype, as train.build_model
+            if not isinstance(p, DTensor):
                 p.data = p.data.to(train.compute_dtype(tcfg, device))
     opt = torch.optim.AdamW(hft.param_groups(model, tcfg["weight_decay"]), lr=tcfg["lr"],
                             betas=tuple(tcfg["betas"]), foreach=True)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    return {"mode": mode, "model": model, "opt": opt, "trainable": trainable, "mask": mask, "times": [], "cpu_times": []}
+    return {"mode": mode, "model": model, "opt": opt, "trainable": trainable, "mask": mask,
+            "times": [], "cpu_times": []}
 
 
 def shard(model: Transformer, tcfg: dict, device, replicate_frozen: bool = False):
@@ -178,7 +189,8 @@ def run_step(run: dict, mbs: list, tcfg: dict, device, between=None) -> tuple[fl
     for g in opt.param_groups:
         g["lr"] = tcfg["lr"]
     denom = data.all_sum(sum(data.count_targets(b["labels"]) for b in mbs))
-    train.train_step(model, run["trainable"], mbs, "lm", [None] * len(mbs), denom, tcfg, None, device)
+    train.train_step(model, run["trainable"], mbs, "lm", [None] * len(mbs), denom, tcfg, None,
+                     device)
     if between is not None:
         between(run)
     opt.step()
@@ -206,7 +218,8 @@ def state_bytes(run: dict) -> dict:
                     counters += n
                 else:
                     moments += n
-    params = train.local_bytes(run["model"].parameters()) + train.local_bytes(run["model"].buffers())
+    params = (train.local_bytes(run["model"].parameters())
+              + train.local_bytes(run["model"].buffers()))
     return {"params": params, "moments": moments, "counters": counters}
 
 
@@ -451,7 +464,8 @@ def predict_seconds(cost: dict, cal: dict, overlap: bool) -> dict:
     for (o, i, k), n in cost["gemms"].items():
         t[k] += n * cal["gemm_s"][(o, i, k)]
     a = cost["attn_layers"]
-    t["attn"] = cost["micro_batches"] * (cal["attn_fwd_s"] * a["fwd"] + cal["attn_bwd_s"] * a["bwd"])
+    t["attn"] = cost["micro_batches"] * (cal["attn_fwd_s"] * a["fwd"]
+                                         + cal["attn_bwd_s"] * a["bwd"])
     b = cost["bytes"]
     t["elementwise"] = b["elementwise"] / cal["act_bps"]
     t["fsdp_copies"] = b["fsdp_copies"] / cal["fresh_bps"]
@@ -472,7 +486,8 @@ def counted_gemm_flops(run: dict, mbs: list, tcfg: dict, device) -> int:
         with FlopCounterMode(display=False) as fc:
             run_step(run, mbs, tcfg, device)
     except Exception as e:  # a diagnostic: never lose the measurement to it
-        train.log(f"bench: FlopCounterMode failed on {run['mode']} ({type(e).__name__}: {e}); counted = -1")
+        train.log(f"bench: FlopCounterMode failed on {run['mode']} ({type(e).__name__}: {e}); "
+                  f"counted = -1")
         return -1
     counts = fc.get_flop_counts().get("Global", {})
     return int(sum(v for k, v in counts.items() if str(k) in ("aten.mm", "aten.addmm", "aten.bmm")))
@@ -512,7 +527,8 @@ def predict_only(args, modes: list[str]) -> dict:
         m = Transformer(margs)
     numel = {n: p.numel() for n, p in m.named_parameters()}
     ckpt = args.activation_checkpointing
-    elt = 2 if (args.precision or ("bf16" if args.preset in ("7b", "13b") else "fp32")) == "bf16" else 4
+    elt = (2 if (args.precision or ("bf16" if args.preset in ("7b", "13b") else "fp32")) == "bf16"
+           else 4)
     out = {}
     for mode in modes:
         tr = set(hft.make_mask(m, MODES[mode], args.ratio, args.seed, 0, True)["trainable"])
@@ -520,7 +536,8 @@ def predict_only(args, modes: list[str]) -> dict:
         gathered = {"blocks": sum(numel[n] for n in kept if n.startswith("layers.")),
                     "root": sum(numel[n] for n in kept if not n.startswith("layers."))}
         c = cost_model(margs, seq, batch, args.accum, world, tr, numel, gathered, elt, ckpt)
-        out[mode] = {"trainable": sum(numel[n] for n in tr), "flops": c["flops_total"], **c["bytes"]}
+        out[mode] = {"trainable": sum(numel[n] for n in tr), "flops": c["flops_total"],
+                     **c["bytes"]}
     print(f"cost model, {args.preset or 'cpu'}: {sum(numel.values()):,} parameters, seq {seq}, "
           f"{batch}x{args.accum} sequences/rank, world {world}, activation checkpointing {ckpt}")
     keys = ("trainable", "flops", "allgather", "reduce_scatter", "optimizer")
@@ -535,7 +552,8 @@ def time_steps(runs: list, batches: list, args, tcfg: dict, device):
     within a round rotates, so no mode always runs right after the same other one."""
     for s in range(len(batches)):
         for run in runs[s % len(runs):] + runs[:s % len(runs)]:
-            t = torch.tensor(run_step(run, batches[s], tcfg, device), dtype=torch.float64, device=device)
+            t = torch.tensor(run_step(run, batches[s], tcfg, device), dtype=torch.float64,
+                             device=device)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)  # a step lasts as long as its slowest rank
             run["last"] = t.tolist()
             if s >= args.warmup:
@@ -545,7 +563,8 @@ def time_steps(runs: list, batches: list, args, tcfg: dict, device):
             f"{r['mode']} {r['last'][0]:.3f}s (cpu {r['last'][1]:.3f}s)" for r in runs))
 
 
-def measure_run(run: dict, mem: dict, batches: list, args, margs, seq, batch, tcfg, device, base_rss) -> dict:
+def measure_run(run: dict, mem: dict, batches: list, args, margs, seq, batch, tcfg, device,
+                base_rss) -> dict:
     """Everything about one mode that needs its model alive, summed over ranks where it is bytes."""
     world = dist.get_world_size()
     tr = set(run["mask"]["trainable"])
@@ -560,7 +579,8 @@ def measure_run(run: dict, mem: dict, batches: list, args, margs, seq, batch, tc
         if isinstance(p, DTensor):
             gathered["blocks" if name.startswith("layers.") else "root"] += p.numel()
     elt = train.compute_dtype(tcfg, device).itemsize
-    cost = cost_model(margs, seq, batch, args.accum, world, tr, numel, gathered, elt, tcfg["activation_checkpointing"])
+    cost = cost_model(margs, seq, batch, args.accum, world, tr, numel, gathered, elt,
+                      tcfg["activation_checkpointing"])
     n_tr, total = sum(numel[n] for n in tr), sum(numel.values())
     step_time = statistics.median(run["times"])
     return {"step_time_s": step_time, "step_times_s": run["times"],
@@ -578,7 +598,8 @@ def measure_run(run: dict, mem: dict, batches: list, args, margs, seq, batch, tc
             "flops_predicted": cost["flops_total"], "cost_model": cost}
 
 
-PER_TOKEN = ("fwd", "dx", "dw", "attn", "elementwise")  # the rest is per step: collectives, optimizer
+# the rest is per step: collectives, optimizer
+PER_TOKEN = ("fwd", "dx", "dw", "attn", "elementwise")
 
 
 def tokens_for_ratio(r: dict, f: dict, target: float) -> int:
@@ -587,7 +608,8 @@ def tokens_for_ratio(r: dict, f: dict, target: float) -> int:
     (collectives, optimizer) to the trainable share, so fewer tokens per step favour HFT.
     0 when no token count gets there (additive model, no overlap)."""
     tokens = r["tokens_per_s"] * r["step_time_s"] / r["world_size"]
-    split = lambda t: (sum(t[k] for k in PER_TOKEN), sum(v for k, v in t.items() if k not in PER_TOKEN + ("total",)))
+    split = lambda t: (sum(t[k] for k in PER_TOKEN),
+                       sum(v for k, v in t.items() if k not in PER_TOKEN + ("total",)))
     (c_m, s_m), (c_f, s_f) = split(r["predicted_times_s"]), split(f["predicted_times_s"])
     if c_m - target * c_f <= 0:
         return 10**12  # any number of tokens
@@ -603,8 +625,10 @@ def ratios(results: dict, cal) -> dict:
             continue
         # Paired: each step against the fft step of the same round (same batch, adjacent in
         # time), then the median, so drift that spans a round cancels.
-        q = {"measured_step": statistics.median(a / b for a, b in zip(r["step_times_s"], f["step_times_s"])),
-             "measured_cpu": statistics.median(a / b for a, b in zip(r["cpu_times_s"], f["cpu_times_s"])),
+        q = {"measured_step":
+                 statistics.median(a / b for a, b in zip(r["step_times_s"], f["step_times_s"])),
+             "measured_cpu":
+                 statistics.median(a / b for a, b in zip(r["cpu_times_s"], f["cpu_times_s"])),
              "flops": r["flops_predicted"] / f["flops_predicted"]}
         if cal is not None:
             q["predicted_step"] = r["predicted_step_time_s"] / f["predicted_step_time_s"]
@@ -622,7 +646,8 @@ def main(argv=None):
     args = parse_args(argv)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not modes or modes[0] != "fft" or any(m not in MODES for m in modes):
-        raise SystemExit(f"bench.py: --modes {args.modes!r}: fft first, then any of {', '.join(MODES)}")
+        raise SystemExit(f"bench.py: --modes {args.modes!r}: fft first, then any of "
+                         f"{', '.join(MODES)}")
     if args.predict_only:
         predict_only(args, modes)
         return 0
@@ -663,8 +688,10 @@ def benchmark(args, modes: list[str], device) -> dict:
     if sequential and device.type == "cpu":
         track_rss()  # one allocator setting for every mode's timing alike
     batches = make_batches(args.warmup + args.steps, margs, seq, batch, args.accum, args.seed)
-    train.log(f"bench: modes {', '.join(modes)} ({'one after another' if sequential else 'interleaved'}), "
-              f"{args.warmup}+{args.steps} steps, world {world}, {torch.get_num_threads()} thread(s)/rank, "
+    train.log(f"bench: modes {', '.join(modes)} "
+              f"({'one after another' if sequential else 'interleaved'}), "
+              f"{args.warmup}+{args.steps} steps, world {world}, "
+              f"{torch.get_num_threads()} thread(s)/rank, "
               f"dim {margs.dim} layers {margs.n_layers} vocab {margs.vocab_size} seq {seq} "
               f"batch {batch}x{args.accum}/rank on {device.type}")
     results = {}
@@ -673,8 +700,8 @@ def benchmark(args, modes: list[str], device) -> dict:
         time_steps(runs, batches, args, tcfg, device)
         mem = measure_memory(runs, batches, tcfg, device)
         for run in runs:
-            results[run["mode"]] = measure_run(run, mem[run["mode"]], batches, args, margs, seq, batch,
-                                               tcfg, device, base_rss)
+            results[run["mode"]] = measure_run(run, mem[run["mode"]], batches, args, margs, seq,
+                                               batch, tcfg, device, base_rss)
         if args.profile:
             profile(runs, batches, tcfg, device)
         del runs
@@ -682,13 +709,16 @@ def benchmark(args, modes: list[str], device) -> dict:
     cal = predict_all(results, args, margs, seq, batch, tcfg, device)
     out = {"machine": machine(device),
            "settings": {"preset": args.preset, "model": {k: getattr(margs, k) for k in
-                        ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_hidden_dim")},
+                        ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size",
+                         "ffn_hidden_dim")},
                         "seq": seq, "micro_batch": batch, "accum": args.accum, "world_size": world,
                         "tokens_per_step": batch * seq * args.accum * world, "steps": args.steps,
                         "warmup": args.warmup, "ratio": args.ratio, "precision": tcfg["precision"],
-                        "activation_checkpointing": tcfg["activation_checkpointing"], "seed": args.seed,
-                        "interleaved": not sequential, "malloc": args.malloc if device.type == "cpu" else None},
-           "base_rss_bytes": base_rss, "load_average": {"before": load_before, "after": os.getloadavg()},
+                        "activation_checkpointing": tcfg["activation_checkpointing"],
+                        "seed": args.seed, "interleaved": not sequential,
+                        "malloc": args.malloc if device.type == "cpu" else None},
+           "base_rss_bytes": base_rss,
+           "load_average": {"before": load_before, "after": os.getloadavg()},
            "calibration": cal, **results, "ratios": ratios(results, cal)}
     if "hft" in out["ratios"]:
         h = out["ratios"]["hft"]
@@ -703,7 +733,8 @@ def predict_all(results: dict, args, margs, seq, batch, tcfg, device):
     if not args.no_calibrate:
         cal = calibrate(margs, seq, batch, train.compute_dtype(tcfg, device), device)
         for r in results.values():
-            r["predicted_times_s"] = predict_seconds(r["cost_model"], cal, overlap=device.type == "cuda")
+            r["predicted_times_s"] = predict_seconds(r["cost_model"], cal,
+                                                     overlap=device.type == "cuda")
             r["predicted_step_time_s"] = r["predicted_times_s"]["total"]
     if device.type == "cuda":
         for r in results.values():
@@ -718,7 +749,8 @@ def all_reduce_int(x) -> int:
 def jsonable(x):
     """JSON-ready copy: GEMM keys (out, in, kind) become "outxin kind"."""
     if isinstance(x, dict):
-        return {(f"{k[0]}x{k[1]} {k[2]}" if isinstance(k, tuple) else k): jsonable(v) for k, v in x.items()}
+        return {(f"{k[0]}x{k[1]} {k[2]}" if isinstance(k, tuple) else k): jsonable(v)
+                for k, v in x.items()}
     if isinstance(x, (list, tuple)):
         return [jsonable(v) for v in x]
     return x
@@ -726,25 +758,31 @@ def jsonable(x):
 
 def report(out: dict, modes: list[str]) -> str:
     m, s, la = out["machine"], out["settings"], out["load_average"]
-    lines = [f"\n{m.get('gpu', m['cpu'])}, {m['world_size']} rank(s) x {m['threads_per_rank']} thread(s), "
+    lines = [f"\n{m.get('gpu', m['cpu'])}, {m['world_size']} rank(s) x "
+             f"{m['threads_per_rank']} thread(s), "
              f"torch {m['torch']}; {s['tokens_per_step']} tokens/step, {s['precision']}; "
              f"load average {la['before'][0]:.1f} -> {la['after'][0]:.1f}"]
-    head = (f"{'mode':<8}{'step s':>8}{'cpu s':>8}{'pred s':>8}{'tok/s':>8}{'peak MiB':>9}{'optim MiB':>10}"
-            f"{'grad MiB':>9}{'trainable':>12}{'GFLOP':>8}{'counted':>8}")
+    head = (f"{'mode':<8}{'step s':>8}{'cpu s':>8}{'pred s':>8}{'tok/s':>8}{'peak MiB':>9}"
+            f"{'optim MiB':>10}{'grad MiB':>9}{'trainable':>12}{'GFLOP':>8}{'counted':>8}")
     lines += [head, "-" * len(head)]
     for mode in modes:
         r = out[mode]
         lines.append(f"{mode:<8}{r['step_time_s']:>8.3f}{r['cpu_time_s']:>8.3f}"
-                     f"{r.get('predicted_step_time_s', float('nan')):>8.3f}{r['tokens_per_s']:>8.0f}"
-                     f"{r['peak_mem_bytes'] / 2**20:>9.0f}{r['optimizer_state_bytes'] / 2**20:>10.1f}"
+                     f"{r.get('predicted_step_time_s', float('nan')):>8.3f}"
+                     f"{r['tokens_per_s']:>8.0f}{r['peak_mem_bytes'] / 2**20:>9.0f}"
+                     f"{r['optimizer_state_bytes'] / 2**20:>10.1f}"
                      f"{r['grad_bytes'] / 2**20:>9.1f}{r['trainable_params']:>12,}"
                      f"{r['gemm_flops_predicted'] / 1e9:>8.2f}{r['gemm_flops_counted'] / 1e9:>8.2f}"
                      + (f"  MFU {r['mfu']:.1%}" if "mfu" in r else ""))
-    lines.append("(GFLOP: GEMM FLOPs per rank per step, cost model; counted: the same, counted by torch)")
+    lines.append("(GFLOP: GEMM FLOPs per rank per step, cost model; counted: the same, counted "
+                 "by torch)")
     for mode, q in out["ratios"].items():
-        lines.append(f"{mode}/fft: step {q['measured_step']:.3f} measured, {q['measured_cpu']:.3f} in CPU time, "
-                     f"{q.get('predicted_step', float('nan')):.3f} predicted ({q['flops']:.3f} FLOPs alone); "
-                     f"trainable {q['trainable_params']:.4f}, Adam state {q['optimizer_state_bytes']:.4f}, "
+        lines.append(f"{mode}/fft: step {q['measured_step']:.3f} measured, "
+                     f"{q['measured_cpu']:.3f} in CPU time, "
+                     f"{q.get('predicted_step', float('nan')):.3f} predicted "
+                     f"({q['flops']:.3f} FLOPs alone); "
+                     f"trainable {q['trainable_params']:.4f}, "
+                     f"Adam state {q['optimizer_state_bytes']:.4f}, "
                      f"grads {q['grad_bytes']:.4f}, peak memory {q['peak_mem_bytes']:.3f}")
     return "\n".join(lines)
 
@@ -770,7 +808,8 @@ def profile(runs, batches, tcfg, device, steps=3, rows=24) -> dict:
         top = sorted(table, key=lambda k: -table[k].get(modes[0], (0, 0))[0])[:rows]
         for k in top:
             print(f"{k[:57]:<58}" + "".join(
-                f"{table[k].get(m, (0, 0))[0]:>11.1f} /{table[k].get(m, (0, 0))[1]:>5}" for m in modes))
+                f"{table[k].get(m, (0, 0))[0]:>11.1f} /{table[k].get(m, (0, 0))[1]:>5}"
+                for m in modes))
     return table
 
 
@@ -815,7 +854,8 @@ class PlanTracker(FSDPMemTracker):
         # The whole step's peak only: the per-module peaks FSDPMemTracker keeps as well cost a
         # walk over every module after every op (a third of the plan's time at 7B).
         for dev, snap in self._curr_mem_snap.items():
-            if self._fsdp_state != _FSDPState.PRE_FW:  # FSDP's all-gather buffers pass as "ACT" there
+            # FSDP's all-gather buffers pass as "ACT" there
+            if self._fsdp_state != _FSDPState.PRE_FW:
                 self.act_peak = max(self.act_peak, snap[_FSDPRefType.ACT])
             if snap[_TOTAL_KEY] > self._peak_mem.get(dev, 0):
                 self.peak_phase = ("optimizer step" if self._in_opt else
@@ -862,15 +902,15 @@ def untracked_propagation():
 
 
 def plan(cfg: dict, world_size: int, gpu_memory_gib: float = 80.0) -> dict:
-    """What train.py would hold per rank at each stage of `cfg` on `world_size` GPUs, and whether
-    it fits `gpu_memory_gib` GiB. Shapes from params.json / config.json alone (checkpoint.read_model_args);
-    steps from the data files when they and the tokenizer are there. Runs the trainer's own code:
-    HFT mask (hft.make_mask, the stage's seed and index), train.shard_model (replicate/HSDP,
-    replicate_frozen, activation checkpointing), train.train_step on min(accumulation, 2)
-    micro-batches of full-length sequences (max_seq_len tokens, the worst case: later ones hold
-    what the second does) and AdamW as train.prepare_stage builds it, on fake CPU tensors in the
-    dtype a GPU run computes in (precision "auto" is bf16 there). Rank 0 is measured: with FSDP's
-    padding it holds the largest shards."""
+    """What train.py would hold per rank at each stage of `cfg` on `world_size` GPUs, and whether it
+    fits `gpu_memory_gib` GiB. Shapes from params.json / config.json alone
+    (checkpoint.read_model_args); steps from the data files when they and the tokenizer are there.
+    Runs the trainer's own code: HFT mask (hft.make_mask, the stage's seed and index),
+    train.shard_model (replicate/HSDP, replicate_frozen, activation checkpointing), train.train_step
+    on min(accumulation, 2) micro-batches of full-length sequences (max_seq_len tokens, the worst
+    case: later ones hold what the second does) and AdamW as train.prepare_stage builds it, on fake
+    CPU tensors in the dtype a GPU run computes in (precision "auto" is bf16 there). Rank 0 is
+    measured: with FSDP's padding it holds the largest shards."""
     t0 = time.process_time()
     notes = []
     mcfg = cfg["model"]
@@ -880,7 +920,8 @@ def plan(cfg: dict, world_size: int, gpu_memory_gib: float = 80.0) -> dict:
         n_params = sum(p.numel() for p in Transformer(margs).parameters())
     if dist.is_initialized():
         raise RuntimeError("bench.plan makes its own (fake) process group: call it without one")
-    from torch.testing._internal.distributed.fake_pg import FakeStore  # registers the "fake" backend
+    # registers the "fake" backend
+    from torch.testing._internal.distributed.fake_pg import FakeStore
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
     measured = {}
     try:
@@ -892,8 +933,8 @@ def plan(cfg: dict, world_size: int, gpu_memory_gib: float = 80.0) -> dict:
         f"memory: rank 0, one step of full-length sequences ({mcfg['max_seq_len']} tokens), "
         "simulated on fake CPU tensors; GPU kernels differ a little (attention's saved statistics, "
         "workspaces, 512-byte allocation rounding)",
-        f"fits: peak x {1 + HEADROOM_FRACTION:.2f} + {HEADROOM_GIB:g} GiB <= {gpu_memory_gib:g} GiB "
-        f"(CUDA context, NCCL buffers, allocator fragmentation)",
+        f"fits: peak x {1 + HEADROOM_FRACTION:.2f} + {HEADROOM_GIB:g} GiB <= {gpu_memory_gib:g} "
+        f"GiB (CUDA context, NCCL buffers, allocator fragmentation)",
         "steps: records counted in the data file (an upper bound: loading drops examples that "
         "truncation leaves without a target token); lm stages are tokenized exactly"]
     return {"world_size": world_size, "gpu_memory_gib": gpu_memory_gib,
@@ -930,7 +971,8 @@ def plan_stage(cfg: dict, idx: int, stage: dict, margs: ModelArgs, world: int, g
     h = stage["hft"]
     with torch.device("meta"):
         model = Transformer(margs)
-    mask = hft.make_mask(model, h["granularity"], h["ratio"], cfg["seed"], idx, h["train_embeddings"])
+    mask = hft.make_mask(model, h["granularity"], h["ratio"], cfg["seed"], idx,
+                         h["train_embeddings"])
     key = json.dumps([stage["kind"], accum, mask["summary"], h, [t[k] for k in MEMORY_KEYS]])
     if key not in measured:
         hft.apply_mask(model, set(mask["trainable"]))  # before sharding, as train.build_model does
@@ -987,7 +1029,8 @@ def materialize(model: Transformer, t: dict):
 
 def init_moments(opt):
     """AdamW's moments exist from the first step on: make them (a step on zero gradients), so a
-    step measured after this holds them through its forward and backward as every later step does."""
+    step measured after this holds them through its forward and backward as every later step
+    does."""
     params = [p for g in opt.param_groups for p in g["params"]]
     for p in params:
         p.grad = torch.zeros_like(p)
@@ -1048,7 +1091,8 @@ def plan_data(cfg: dict, stage: dict, world: int) -> dict:
     missing = [f for f in (path, tok) if not os.path.isfile(f)]
     if missing:
         out.update(missing=missing, why_unknown=" and ".join(
-            f"no {what} at {f}" for what, f in (("data file", path), ("tokenizer", tok)) if f in missing))
+            f"no {what} at {f}" for what, f in (("data file", path), ("tokenizer", tok))
+            if f in missing))
         return out
     if stage["kind"] == "lm":
         seqs = data.load_examples(path, "lm", data.Tokenizer(tok), cfg["model"]["max_seq_len"],
@@ -1093,7 +1137,8 @@ def format_plan(out: dict) -> str:
         missing = list(dict.fromkeys(f for s in unknown for f in s["data"]["missing"]))
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         lines.append(f"- steps unknown for {', '.join(s['name'] for s in unknown)}: missing "
-                     f"{', '.join(missing[:3])}{more} (the data files and the tokenizer count them)")
+                     f"{', '.join(missing[:3])}{more} "
+                     f"(the data files and the tokenizer count them)")
     lines.append(f"({out['cpu_seconds']:.1f} s of CPU time)")
     return "\n".join(lines)
 

@@ -42,8 +42,8 @@ def atomic_file(path, mode: str = "w"):
     """Write a file through a hidden temporary beside it, flushed to disk and renamed over `path`
     on success; on an exception the temporary is removed and `path` is left as it was."""
     path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=f".{os.path.basename(path)}.",
-                               suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".",
+                               prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would make the file private
         with os.fdopen(fd, mode) as f:
@@ -160,8 +160,9 @@ def _torch_load(file: Path) -> dict:
     try:
         sd = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{file}: refused: it holds more than tensors and loading it could run "
-                              f"code (torch.load weights_only=True said: {str(e).splitlines()[0]})") from None
+        raise CheckpointError(f"{file}: refused: it holds more than tensors and loading it could "
+                              f"run code (torch.load weights_only=True said: "
+                              f"{str(e).splitlines()[0]})") from None
     except Exception as e:
         raise CheckpointError(f"{file}: cannot be read as a torch checkpoint: {e}") from None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
@@ -185,8 +186,9 @@ def ffn_args_for(args: ModelArgs, hidden_dim: int) -> ModelArgs:
             cand = replace(args, multiple_of=multiple_of, ffn_dim_multiplier=mult)
             if cand.ffn_hidden_dim == hidden_dim:
                 return cand
-    raise CheckpointError(f"intermediate_size={hidden_dim} with hidden_size={args.dim} fits no Meta "
-                          f"FFN rule (multiple_of a power of two, ffn_dim_multiplier with 3 decimals)")
+    raise CheckpointError(f"intermediate_size={hidden_dim} with hidden_size={args.dim} fits no "
+                          f"Meta FFN rule (multiple_of a power of two, "
+                          f"ffn_dim_multiplier with 3 decimals)")
 
 
 def args_from_hf_config(cfg: dict, file: Path, max_seq_len: Optional[int] = None) -> ModelArgs:
@@ -202,10 +204,12 @@ def args_from_hf_config(cfg: dict, file: Path, max_seq_len: Optional[int] = None
         raise CheckpointError(f"{file}: rope scaling {rope} is not supported (LLaMA-2 has none)")
     for key, ok in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
         if cfg.get(key, ok) != ok:
-            raise CheckpointError(f"{file}: '{key}': {cfg[key]!r} is not supported (LLaMA has {ok!r})")
+            raise CheckpointError(f"{file}: '{key}': {cfg[key]!r} is not supported "
+                                  f"(LLaMA has {ok!r})")
     dim, n_heads = need("hidden_size"), need("num_attention_heads")
     if cfg.get("head_dim") not in (None, dim // n_heads):
-        raise CheckpointError(f"{file}: head_dim={cfg['head_dim']} != hidden_size/num_attention_heads")
+        raise CheckpointError(f"{file}: head_dim={cfg['head_dim']} != "
+                              f"hidden_size/num_attention_heads")
     try:
         args = ModelArgs(
             dim=dim, n_layers=need("num_hidden_layers"), n_heads=n_heads,
@@ -242,7 +246,8 @@ def checkpoint_format(path: Path) -> str:
 
 
 def _read_params(params_file: Path, max_seq_len: Optional[int]) -> dict:
-    """Meta's params.json with max_seq_len added; vocab_size -1 (or absent) is left to the caller."""
+    """Meta's params.json with max_seq_len added; vocab_size -1 (or absent) is left to the
+    caller."""
     params = _read_json(params_file)
     for key in ("dim", "n_layers", "n_heads"):
         if key not in params:
@@ -312,11 +317,13 @@ class CheckpointReader:
     def _open_meta(self, max_seq_len):
         files = sorted(self.path.glob("consolidated.*.pth"))
         if not files:
-            raise CheckpointError(f"{self.path}: params.json but no consolidated.*.pth weight files")
+            raise CheckpointError(f"{self.path}: params.json but no "
+                                  f"consolidated.*.pth weight files")
         try:
             numbers = sorted(int(f.name.split(".")[1]) for f in files)
         except ValueError:
-            raise CheckpointError(f"{self.path}: cannot number the shards {[f.name for f in files]}") from None
+            raise CheckpointError(f"{self.path}: cannot number the shards "
+                                  f"{[f.name for f in files]}") from None
         if numbers != list(range(len(files))):
             missing = sorted(set(range(numbers[-1] + 1)) - set(numbers))
             raise CheckpointError(f"{self.path}: model-parallel shards missing: "
@@ -348,7 +355,8 @@ class CheckpointReader:
             self.files = sorted(self.path.glob("*.safetensors"))
         if not self.files:
             raise CheckpointError(f"{self.path}: config.json but no *.safetensors weight files "
-                                  f"(pytorch_model.bin is not read: re-save with safe_serialization=True)")
+                                  f"(pytorch_model.bin is not read: "
+                                  f"re-save with safe_serialization=True)")
         self._hf = {}  # HF name -> (file, open safetensors handle)
         for file in self.files:
             handle = safe_open(str(file), framework="pt")
@@ -376,7 +384,8 @@ class CheckpointReader:
             raise CheckpointError(f"{file}: not a SentencePiece model: {e}") from None
         # Meta's embedding has exactly one row per piece. HF checkpoints may add tokens
         # (tokenizer.json, added_tokens.json) or pad the vocabulary, so there it only must fit.
-        ok = n_words == self.args.vocab_size if self.format == "meta" else n_words <= self.args.vocab_size
+        ok = (n_words == self.args.vocab_size if self.format == "meta"
+              else n_words <= self.args.vocab_size)
         if not ok:
             raise CheckpointError(f"{file}: tokenizer has {n_words} pieces but the embedding has "
                                   f"{self.args.vocab_size} rows: they belong to different models")
@@ -400,9 +409,10 @@ class CheckpointReader:
                 first, merged = self._shards[0][name].shape, list(self._shards[0][name].shape)
                 for f, sd in zip(self.files[1:], self._shards[1:]):
                     s = sd[name].shape
-                    if len(s) != len(first) or any(s[i] != first[i] for i in range(len(s)) if i != d):
-                        problems[name] = (f"{name}: {f.name} has {_shape(s)} but {self.files[0].name} "
-                                          f"has {_shape(first)}")
+                    if len(s) != len(first) or any(s[i] != first[i] for i in range(len(s))
+                                                   if i != d):
+                        problems[name] = (f"{name}: {f.name} has {_shape(s)} but "
+                                          f"{self.files[0].name} has {_shape(first)}")
                         break
                     if d is not None:
                         merged[d] += s[d]
@@ -440,8 +450,8 @@ class CheckpointReader:
                 problems.insert(0, f"{what} keys ({len(names)}): {', '.join(names[:20])}{more}")
         if problems:
             config = "params.json" if self.format == "meta" else "config.json"
-            raise CheckpointError(f"{self.path} ({self.format} checkpoint) does not match its {config} "
-                                  f"({self.args}):\n  " + "\n  ".join(problems))
+            raise CheckpointError(f"{self.path} ({self.format} checkpoint) does not match its "
+                                  f"{config} ({self.args}):\n  " + "\n  ".join(problems))
 
     def get(self, name: str, dtype: Optional[torch.dtype] = torch.float32) -> torch.Tensor:
         """One full tensor by Meta name, on the CPU, in `dtype` (None: as stored)."""
@@ -467,7 +477,8 @@ class CheckpointReader:
             raise CheckpointError(f"{name} is not a parameter of Transformer({self.args})")
         key = self._hf_of[name]
         if key not in self._hf:
-            raise CheckpointError(f"{self.path}: {name} (HF {key}) is not in {[f.name for f in self.files]}")
+            raise CheckpointError(f"{self.path}: {name} (HF {key}) is not in "
+                                  f"{[f.name for f in self.files]}")
         w = self._hf[key][1].get_tensor(key)
         w = w.to(dtype) if dtype is not None else w
         if name.endswith("attention.wq.weight"):
@@ -504,7 +515,8 @@ def fill_weights(model: Transformer, reader: "CheckpointReader", whole_dtype=Non
         local = p.to_local() if isinstance(p, DTensor) else p
         full = reader.get(name, dtype=local.dtype).to(local.device)
         if isinstance(p, DTensor):  # every rank holds `full`: split it locally, no scatter
-            local.copy_(distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local())
+            local.copy_(distribute_tensor(full, p.device_mesh, p.placements,
+                                          src_data_rank=None).to_local())
         elif whole_dtype in (None, p.dtype):
             p.copy_(full)
         else:
@@ -525,7 +537,8 @@ def _tokenizer_file(tokenizer) -> Optional[Path]:
     if tokenizer is None:
         return None
     if not isinstance(tokenizer, (str, os.PathLike)):
-        raise TypeError(f"tokenizer must be a path to a tokenizer.model file, got {type(tokenizer).__name__}")
+        raise TypeError(f"tokenizer must be a path to a tokenizer.model file, got "
+                        f"{type(tokenizer).__name__}")
     file = Path(tokenizer)
     file = file / "tokenizer.model" if file.is_dir() else file
     if not file.is_file():
@@ -695,7 +708,8 @@ def hf_tokenizer_json(tokenizer_model) -> dict:
             {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
             {"type": "ByteFallback"}, {"type": "Fuse"},
             {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
-        "model": {"type": "BPE", "dropout": None, "unk_token": unk, "continuing_subword_prefix": None,
+        "model": {"type": "BPE", "dropout": None, "unk_token": unk,
+                  "continuing_subword_prefix": None,
                   "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": True,
                   "vocab": vocab, "merges": _bpe_merges(pieces)},
     }
@@ -728,7 +742,8 @@ def save_checkpoint(state: dict, args: ModelArgs, path, format: str = "meta", to
         import sentencepiece as spm
         n_words = spm.SentencePieceProcessor(model_file=str(tok_file)).vocab_size()
         if n_words != args.vocab_size:
-            raise CheckpointError(f"{tok_file}: {n_words} pieces, but vocab_size is {args.vocab_size}")
+            raise CheckpointError(f"{tok_file}: {n_words} pieces, but vocab_size is "
+                                  f"{args.vocab_size}")
 
     dest = Path(path)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -788,7 +803,8 @@ def _write_hf(state, names, args, out: Path, dtype, max_shard_bytes):
         json.dump(hf_config(args, dtype), f, indent=2)
     if len(files) > 1:
         with open(out / "model.safetensors.index.json", "w") as f:
-            json.dump({"metadata": {"total_size": sum(nbytes.values())}, "weight_map": weight_map}, f, indent=2)
+            json.dump({"metadata": {"total_size": sum(nbytes.values())}, "weight_map": weight_map},
+                      f, indent=2)
 
 
 def _write_hf_tokenizer(tok_file: Path, out: Path, args: ModelArgs):

@@ -92,7 +92,8 @@ def chat_segments(messages: list[dict]) -> list[tuple[str, bool]]:
     segs = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
-            raise DataError(f"messages[{i}] is a {type(m).__name__}, expected an object with 'role' and 'content'")
+            raise DataError(f"messages[{i}] is a {type(m).__name__}, expected an object with "
+                            f"'role' and 'content'")
         for key in ("role", "content"):
             if key not in m:
                 raise DataError(f"messages[{i}]: missing field '{key}'")
@@ -100,7 +101,8 @@ def chat_segments(messages: list[dict]) -> list[tuple[str, bool]]:
         if role not in ROLES:
             raise DataError(f"messages[{i}].role is {role!r}, expected one of {', '.join(ROLES)}")
         if not isinstance(content, str):
-            raise DataError(f"messages[{i}].content is a {type(content).__name__}, expected a string")
+            raise DataError(f"messages[{i}].content is a {type(content).__name__}, "
+                            f"expected a string")
         c = content.strip()
         if role == "assistant":
             segs += [("<|assistant|>\n", False), (c + EOS_TEXT, True), ("\n", False)]
@@ -129,8 +131,8 @@ def _encode_chat(tok: Tokenizer, messages: list[dict], last_only: bool = False):
     checked here for every turn, and a tokenizer that breaks it is an error, not a silent shift.
     """
     if tok.eos_piece != EOS_TEXT:
-        raise DataError(f"the chat template ends assistant turns with {EOS_TEXT!r}, but the tokenizer's eos piece "
-                        f"is {tok.eos_piece!r}")
+        raise DataError(f"the chat template ends assistant turns with {EOS_TEXT!r}, but the "
+                        f"tokenizer's eos piece is {tok.eos_piece!r}")
     segs = chat_segments(messages)
     targets = [i for i, (_, is_t) in enumerate(segs) if is_t]
     if not targets:
@@ -151,9 +153,9 @@ def _encode_chat(tok: Tokenizer, messages: list[dict], last_only: bool = False):
         head = tok.encode(tail, bos=False, eos=False)
         start = pos + len(head)
         if ids[pos:start] != head:
-            raise DataError("the tokens of the prompt ending in '<|assistant|>\\n' are not a prefix of the "
-                            "conversation's tokens (the tokenizer merges across that newline), so eval prompts "
-                            "would differ from training")
+            raise DataError("the tokens of the prompt ending in '<|assistant|>\\n' are not a "
+                            "prefix of the conversation's tokens (the tokenizer merges across that "
+                            "newline), so eval prompts would differ from training")
         end = start
         for _ in range(text.count(EOS_TEXT)):  # the response ends at its (last) eos
             end = ids.index(tok.eos_id, end) + 1
@@ -183,7 +185,8 @@ def read_records(path: str) -> list[tuple[int, dict]]:
     Node and jq; JSON writers escape those."""
     ext = os.path.splitext(path)[1].lower()
     if ext not in (".jsonl", ".json", ".txt"):
-        raise DataError(f"{path}: unsupported file type {ext or '(none)'}; expected .jsonl, .json (a list) or .txt")
+        raise DataError(f"{path}: unsupported file type {ext or '(none)'}; expected .jsonl, "
+                        f".json (a list) or .txt")
     try:
         with open(path, "rb") as f:
             raw = f.read()
@@ -193,7 +196,8 @@ def read_records(path: str) -> list[tuple[int, dict]]:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw[:e.start].count(b"\n") + 1
-        raise DataError(f"{path}: line {line}: bytes that are not UTF-8 (byte offset {e.start})") from None
+        raise DataError(f"{path}: line {line}: bytes that are not UTF-8 "
+                        f"(byte offset {e.start})") from None
     text = text.removeprefix("\ufeff")  # a UTF-8 byte-order mark is not content
     if not text.strip():
         raise DataError(f"{path}: empty file")
@@ -206,7 +210,8 @@ def read_records(path: str) -> list[tuple[int, dict]]:
             raise DataError(f"{path}: line {e.lineno}: malformed JSON ({_json_error(e)}, "
                             f"column {e.colno})") from None
         if not isinstance(obj, list):
-            raise DataError(f"{path}: a .json data file must hold a list of records, found a {type(obj).__name__}")
+            raise DataError(f"{path}: a .json data file must hold a list of records, found a "
+                            f"{type(obj).__name__}")
         if not obj:
             raise DataError(f"{path}: empty file (the list holds no records)")
         records = list(enumerate(obj))
@@ -226,14 +231,16 @@ def read_records(path: str) -> list[tuple[int, dict]]:
                                 f"column {e.colno})") from None
     for n, rec in records:
         if not isinstance(rec, dict):
-            raise DataError(f"{_where(path, n)}: a record must be a JSON object, found a {type(rec).__name__}")
+            raise DataError(f"{_where(path, n)}: a record must be a JSON object, found a "
+                            f"{type(rec).__name__}")
     return records
 
 
 def _json_error(e: json.JSONDecodeError) -> str:
     if e.msg.startswith("Invalid control character") and e.pos < len(e.doc):
         # JSON requires U+0000-U+001F escaped in strings; name the character, it may be invisible
-        return f"raw control character U+{ord(e.doc[e.pos]):04X} in a string; JSON requires it escaped"
+        return (f"raw control character U+{ord(e.doc[e.pos]):04X} in a string; "
+                f"JSON requires it escaped")
     return e.msg
 
 
@@ -245,7 +252,8 @@ def _field(rec: dict, name: str, where: str, types, what: str):
     if name not in rec:
         raise DataError(f"{where}: missing field '{name}'")
     if not isinstance(rec[name], types):
-        raise DataError(f"{where}: field '{name}' must be {what}, found a {type(rec[name]).__name__}")
+        raise DataError(f"{where}: field '{name}' must be {what}, found a "
+                        f"{type(rec[name]).__name__}")
     return rec[name]
 
 
@@ -254,35 +262,40 @@ def _detect_format(path: str, kind: str, n: int, rec: dict) -> str:
     where = _where(path, n)
     if kind == "lm":
         if "text" not in rec:
-            raise DataError(f"{where}: missing field 'text' (an lm stage reads {{\"text\"}} records or a .txt file)")
+            raise DataError(f"{where}: missing field 'text' (an lm stage reads {{\"text\"}} "
+                            f"records or a .txt file)")
         return "text"
     if kind == "dpo":
         for name in ("chosen", "rejected"):
             if name not in rec:
-                raise DataError(f"{where}: missing field '{name}' (a dpo stage reads preference pairs: "
-                                f"'prompt', 'chosen', 'rejected')")
+                raise DataError(f"{where}: missing field '{name}' (a dpo stage reads preference "
+                                f"pairs: 'prompt', 'chosen', 'rejected')")
         return "pairs"
     if "messages" in rec:
         return "chat"
     if "chosen" in rec and "rejected" in rec:
-        raise DataError(f"{where}: a preference pair ('chosen', 'rejected'), which a dpo stage reads, not an sft stage")
+        raise DataError(f"{where}: a preference pair ('chosen', 'rejected'), which a dpo stage "
+                        f"reads, not an sft stage")
     if "prompt" in rec or "answer" in rec:
         return "prompt_answer"
-    raise DataError(f"{where}: missing field 'messages' (Tulu conversation) or 'prompt' and 'answer' (TRACE)")
+    raise DataError(f"{where}: missing field 'messages' (Tulu conversation) or 'prompt' and "
+                    f"'answer' (TRACE)")
 
 
 def _pair_messages(rec: dict, name: str, where: str) -> list[dict]:
     """One side of a preference pair as a conversation whose last message is the response."""
     side = _field(rec, name, where, (list, str), "a list of messages or a string")
     if isinstance(side, str):
-        prompt = _field(rec, "prompt", where, str, "a string (needed when chosen/rejected are strings)")
+        prompt = _field(rec, "prompt", where, str,
+                        "a string (needed when chosen/rejected are strings)")
         return [{"role": "user", "content": prompt}, {"role": "assistant", "content": side}]
     if not side:
         raise DataError(f"{where}: field '{name}' is an empty list of messages")
     last = side[-1]
     if not isinstance(last, dict) or last.get("role") != "assistant":
         role = last.get("role") if isinstance(last, dict) else type(last).__name__
-        raise DataError(f"{where}: field '{name}': the last message must be the assistant response, found {role!r}")
+        raise DataError(f"{where}: field '{name}': the last message must be the assistant "
+                        f"response, found {role!r}")
     return side
 
 
@@ -315,7 +328,8 @@ def _record_examples(tok: Tokenizer, fmt: str, rec: dict, where: str, L: int,
                 messages = _field(rec, "messages", where, list, "a list of messages")
                 ids, labels = _encode_chat(tok, messages)
             else:
-                ids, labels = _encode_prompt_answer(tok, _field(rec, "prompt", where, str, "a string"),
+                ids, labels = _encode_prompt_answer(tok,
+                                                    _field(rec, "prompt", where, str, "a string"),
                                                     _field(rec, "answer", where, str, "a string"))
             ex = {"input_ids": ids[:L], "labels": labels[:L]}
             keep = _has_target(ex["labels"])
@@ -330,9 +344,11 @@ def _record_examples(tok: Tokenizer, fmt: str, rec: dict, where: str, L: int,
 
 def _summary(path: str, fmt: str, n_records: int, n_examples: int, dropped: dict, L: int) -> str:
     """The line logged per file; a file that gives no example at all is an error."""
-    why = next(iter(dropped)) if len(dropped) == 1 else ", ".join(f"{k}: {v}" for k, v in dropped.items())
+    why = (next(iter(dropped)) if len(dropped) == 1
+           else ", ".join(f"{k}: {v}" for k, v in dropped.items()))
     if not n_examples:
-        raise DataError(f"{path}: no usable example in {n_records} records" + (f" ({why})" if why else ""))
+        raise DataError(f"{path}: no usable example in {n_records} records"
+                        + (f" ({why})" if why else ""))
     n_dropped = f"{sum(dropped.values())} dropped" + (f" ({why})" if why else "")
     if fmt == "text":
         return (f"data: {path}: {n_records} documents -> {n_examples} examples "
@@ -347,15 +363,16 @@ def _check_args(kind: str, max_seq_len: int):
         raise ValueError(f"max_seq_len must be at least 2 (bos and one token), got {max_seq_len}")
 
 
-def load_examples(path: str, kind: str, tokenizer: Tokenizer, max_seq_len: int, log=print) -> list[dict]:
+def load_examples(path: str, kind: str, tokenizer: Tokenizer, max_seq_len: int,
+                  log=print) -> list[dict]:
     """Read, validate and tokenize a whole data file for a stage of kind "lm", "sft" or "dpo".
 
     - sft, Tulu conversations ({"messages": [{"role", "content"}]}): loss on each assistant content
       and the eos id that stands where the template says "</s>" (see _encode_chat).
     - sft, TRACE ({"prompt", "answer"}): loss on the answer and eos (see _encode_prompt_answer).
-    - dpo, UltraFeedback binarized ({"prompt", "chosen", "rejected"}, each side a message list ending
-      in the assistant response, or a plain string answering "prompt" as one user turn): labels mark
-      the final response and its eos only.
+    - dpo, UltraFeedback binarized ({"prompt", "chosen", "rejected"}, each side a message list
+      ending in the assistant response, or a plain string answering "prompt" as one user turn):
+      labels mark the final response and its eos only.
     - lm, plain text ({"text"} records or a .txt file): each document is encoded literally, eos
       appended, and cut into consecutive windows of max_seq_len - 1 tokens, each example starting
       with bos: no token is lost, loss on every token but bos.
@@ -451,14 +468,15 @@ class Examples:
         self.n_tokens = sum(len(ids) for ids, _, _ in self._arrays.values())
 
     def _load(self, side: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        ids, labels, offsets = (np.load(os.path.join(self.directory, f"{side}{name}.npy"), mmap_mode="r")
+        ids, labels, offsets = (np.load(os.path.join(self.directory, f"{side}{name}.npy"),
+                                        mmap_mode="r")
                                 for name in ("input_ids", "labels", "offsets"))
         if not (ids.dtype == labels.dtype == np.int32 and offsets.dtype == np.int64
                 and offsets.shape == (self._n + 1,) and offsets[0] == 0
                 and ids.shape == labels.shape == (offsets[-1],)):
             raise ValueError(f"{side}input_ids {ids.dtype}{ids.shape}, {side}labels {labels.dtype}"
-                             f"{labels.shape} and {side}offsets {offsets.dtype}{offsets.shape} do not "
-                             f"hold meta.json's {self._n} examples")
+                             f"{labels.shape} and {side}offsets {offsets.dtype}{offsets.shape} do "
+                             f"not hold meta.json's {self._n} examples")
         return tuple(a.view(np.ndarray) for a in (ids, labels, offsets))  # slicing is cheaper
 
     def __len__(self) -> int:
@@ -493,7 +511,8 @@ def _tokenize_part(path: str, kind: str, tok: Tokenizer, L: int, tmp: str) -> di
     # array("i") holds 4 bytes per token where a list of ints holds 36
     bufs = {side: (array("i"), array("i"), array("q")) for side in _sides(kind)}
     dropped, n_examples = Counter(), 0
-    for n, rec in tqdm(mine, desc=f"tokenize {os.path.basename(path)}", disable=rank != 0, leave=False):
+    for n, rec in tqdm(mine, desc=f"tokenize {os.path.basename(path)}", disable=rank != 0,
+                       leave=False):
         for ex in _record_examples(tok, fmt, rec, _where(path, n), L, dropped):
             n_examples += 1
             for side, (ids, labels, lengths) in bufs.items():
@@ -550,7 +569,8 @@ def _build_cache(path: str, kind: str, tok: Tokenizer, L: int, final: str, meta:
             dropped.update(p["dropped"])
         meta.update(format=parts[0]["format"], records=parts[0]["records"],
                     examples=sum(p["examples"] for p in parts), dropped=dict(dropped))
-        _summary(path, meta["format"], meta["records"], meta["examples"], dropped, L)  # raises if none
+        # raises if none
+        _summary(path, meta["format"], meta["records"], meta["examples"], dropped, L)
 
         def publish():
             _merge_parts(tmp, kind, world)
@@ -614,7 +634,8 @@ def cached_examples(path: str, kind: str, tokenizer: Tokenizer, max_seq_len: int
                             f"a filesystem they share)") from None
     _on_ranks(open_cache)
     examples = opened["examples"]
-    examples.fingerprint = {k: meta[k] for k in ("path", "size", "sha256")}  # this file, as named now
+    # this file, as named now
+    examples.fingerprint = {k: meta[k] for k in ("path", "size", "sha256")}
     m = examples.meta
     line = _summary(path, m["format"], m["records"], m["examples"], m["dropped"], max_seq_len)
     if rank == 0:
@@ -659,8 +680,8 @@ def replay_indices(sizes: list[int], n: int, seed: int, stage: int) -> list[list
     picks = []
     for j, (size, share) in enumerate(zip(sizes, shares)):
         if share > size:
-            raise DataError(f"train.replay asks for {share} examples of earlier stage {j}, which has "
-                            f"only {size}")
+            raise DataError(f"train.replay asks for {share} examples of earlier stage {j}, which "
+                            f"has only {size}")
         key = hashlib.sha256(f"replay/{seed}/{stage}/{j}".encode()).digest()
         g = torch.Generator().manual_seed(int.from_bytes(key[:8], "little") >> 1)
         picks.append(sorted(torch.randperm(size, generator=g)[:share].tolist()))
@@ -699,8 +720,8 @@ class StepSampler:
     1/world_size share of it, split into micro-batches of micro_batch_size.
     """
 
-    def __init__(self, n_examples: int, batch_size: int, micro_batch_size: int, world_size: int, rank: int,
-                 seed: int, stage, epochs: int, source: str = "the stage's data"):
+    def __init__(self, n_examples: int, batch_size: int, micro_batch_size: int, world_size: int,
+                 rank: int, seed: int, stage, epochs: int, source: str = "the stage's data"):
         if batch_size <= 0 or micro_batch_size <= 0 or batch_size % (world_size * micro_batch_size):
             raise ValueError(f"train.batch_size={batch_size} must be a positive multiple of "
                              f"train.micro_batch_size={micro_batch_size} x world size {world_size} "
@@ -708,11 +729,12 @@ class StepSampler:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
         self.n, self.batch_size, self.micro_batch_size = n_examples, batch_size, micro_batch_size
-        self.world_size, self.rank, self.seed, self.stage, self.epochs = world_size, rank, seed, stage, epochs
+        self.world_size, self.rank, self.seed, self.stage, self.epochs = (world_size, rank, seed,
+                                                                          stage, epochs)
         self.steps_per_epoch = n_examples // batch_size
         if self.steps_per_epoch == 0:
-            raise DataError(f"{source}: {n_examples} examples, fewer than train.batch_size={batch_size}, "
-                            f"so not one optimizer step")
+            raise DataError(f"{source}: {n_examples} examples, fewer than "
+                            f"train.batch_size={batch_size}, so not one optimizer step")
         self.total_steps = self.steps_per_epoch * epochs
         self._perm = (None, None)
 
@@ -760,7 +782,8 @@ def count_targets(labels: torch.Tensor) -> int:
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """[B] float32: the summed log-probability of each sequence's target tokens (shifted as above)."""
+    """[B] float32: the summed log-probability of each sequence's target tokens (shifted as
+    above)."""
     _check_shapes(logits, labels)
     B, T, V = logits.shape
     logits, labels = logits[:, :-1].float(), labels[:, 1:]
@@ -770,9 +793,11 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def dpo_loss(pi_chosen: torch.Tensor, pi_rejected: torch.Tensor, ref_chosen: torch.Tensor,
-             ref_rejected: torch.Tensor, beta: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """DPO (Rafailov et al. 2023): per-pair losses [B] = -logsigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))),
-    from summed sequence log-probs. Equal policy and reference give ln 2. Metrics are per pair."""
+             ref_rejected: torch.Tensor,
+             beta: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """DPO (Rafailov et al. 2023): per-pair losses
+    [B] = -logsigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))), from summed sequence log-probs.
+    Equal policy and reference give ln 2. Metrics are per pair."""
     chosen_reward = beta * (pi_chosen - ref_chosen)
     rejected_reward = beta * (pi_rejected - ref_rejected)
     losses = -F.logsigmoid(chosen_reward - rejected_reward)

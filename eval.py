@@ -219,10 +219,12 @@ def trace_rouge_l(pred: str, ref) -> float:
 
 
 def _tokenize_13a(line: str) -> str:
-    """sacrebleu's 13a tokenizer (mteval-v13a), which HF evaluate's SARI applies before splitting."""
+    """sacrebleu's 13a tokenizer (mteval-v13a), which HF evaluate's SARI applies before
+    splitting."""
     line = line.replace("<skipped>", "").replace("-\n", "").replace("\n", " ")
     if "&" in line:
-        line = line.replace("&quot;", '"').replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">")
+        line = (line.replace("&quot;", '"').replace("&amp;", "&").replace("&lt;", "<")
+                .replace("&gt;", ">"))
     line = f" {line} "
     line = re.sub(r"([\{-\~\[-\` -\&\(-\+\:-\@\/])", r" \1 ", line)
     line = re.sub(r"([^0-9])([\.,])", r"\1 \2 ", line)  # period and comma unless after a digit
@@ -235,7 +237,8 @@ def _ngrams(tokens: list[str], n: int) -> list[str]:
     return [" ".join(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
 
 
-def _sari_ngram(src: list[str], pred: list[str], refs: list[list[str]]) -> tuple[float, float, float]:
+def _sari_ngram(src: list[str], pred: list[str],
+                refs: list[list[str]]) -> tuple[float, float, float]:
     """Keep F1, deletion precision and addition F1 for one n-gram order.
 
     Counts of source and prediction n-grams are scaled by the number of references, so a
@@ -268,10 +271,12 @@ def _sari_ngram(src: list[str], pred: list[str], refs: list[list[str]]) -> tuple
 
 def sari(source: str, pred: str, refs) -> float:
     """SARI (Xu et al. 2016): mean over n = 1..4 of keep F1, deletion precision and addition
-    F1, averaged; text lowercased and 13a-tokenized as HF evaluate's `sari` does (its score / 100)."""
+    F1, averaged; text lowercased and 13a-tokenized as HF evaluate's `sari` does (its
+    score / 100)."""
     tok = lambda s: _tokenize_13a(s.lower()).split(" ")  # noqa: E731  "" -> [""] as in HF
     s, p, rs = tok(source), tok(pred), [tok(r) for r in _as_list(refs)]
-    parts = [_sari_ngram(_ngrams(s, n), _ngrams(p, n), [_ngrams(r, n) for r in rs]) for n in range(1, 5)]
+    parts = [_sari_ngram(_ngrams(s, n), _ngrams(p, n), [_ngrams(r, n) for r in rs])
+             for n in range(1, 5)]
     return sum(sum(x) for x in parts) / 12
 
 
@@ -285,8 +290,8 @@ def continual_metrics(R) -> dict:
         raise ValueError("continual_metrics: R is empty")
     for t, row in enumerate(R):
         if len(row) < t + 1:
-            raise ValueError(f"continual_metrics: row {t} has {len(row)} scores, needs at least {t + 1} "
-                             f"(tasks 0..{t} after stage {t})")
+            raise ValueError(f"continual_metrics: row {t} has {len(row)} scores, needs at least "
+                             f"{t + 1} (tasks 0..{t} after stage {t})")
     last = [float(x) for x in R[-1][:T]]
     return {"OP": sum(last) / T, "BWT": sum(last[i] - float(R[i][i]) for i in range(T)) / T}
 
@@ -368,7 +373,8 @@ def _reshard_settings(modules) -> list:
             m._get_fsdp_state()._lazy_init()
             covered.update(m.modules())
     states = [m._get_fsdp_state() for m in modules]
-    return [(s._auto_reshard_after_forward, [g.post_forward_mesh_info for g in s._fsdp_param_groups])
+    return [(s._auto_reshard_after_forward,
+             [g.post_forward_mesh_info for g in s._fsdp_param_groups])
             for s in states]
 
 
@@ -395,7 +401,8 @@ def _plan(lengths: list[int], batch_size: int, max_tokens: int, extra: int = 0) 
     batches = []
     for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
         last = batches[-1] if batches else []
-        fits = last and (not max_tokens or (len(last) + 1) * (lengths[last[0]] + extra) <= max_tokens)
+        fits = last and (not max_tokens
+                         or (len(last) + 1) * (lengths[last[0]] + extra) <= max_tokens)
         if fits and len(last) < batch_size:
             last.append(i)
         else:
@@ -476,7 +483,8 @@ def _greedy_batch(model, batch: list[list[int]], max_new_tokens: int, eos_id: in
 
 
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 8,
-             max_batch_tokens: int = MAX_BATCH_TOKENS, dtype: torch.dtype | None = None) -> list[str]:
+             max_batch_tokens: int = MAX_BATCH_TOKENS,
+             dtype: torch.dtype | None = None) -> list[str]:
     """Greedy decoding of each prompt (bos prepended; left-truncated to fit max_seq_len together
     with max_new_tokens) through the KV cache, batched with left padding, longest first: at most
     batch_size prompts and max_batch_tokens positions (prompt length + max_new_tokens, each;
@@ -491,15 +499,18 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
     limit = model.args.max_seq_len - max_new_tokens
     if limit < 2:
         raise ValueError(f"generate: max_new_tokens={max_new_tokens} leaves {limit} of the model's "
-                         f"max_seq_len={model.args.max_seq_len} positions for the prompt (need >= 2)")
+                         f"max_seq_len={model.args.max_seq_len} positions for the prompt "
+                         f"(need >= 2)")
     if not prompts:
         return []
-    encoded = [_fit_prompt(tokenizer.encode(p, bos=True, eos=False), limit, tokenizer.bos_id) for p in prompts]
+    encoded = [_fit_prompt(tokenizer.encode(p, bos=True, eos=False), limit, tokenizer.bos_id)
+               for p in prompts]
     batches = _plan(list(map(len, encoded)), batch_size, max_batch_tokens, extra=max_new_tokens)
     device, eos = _device(model), tokenizer.eos_id
 
     def run(idx, real):
-        outs = _greedy_batch(model, [encoded[i] for i in idx], max_new_tokens, eos, device, dtype, real)
+        outs = _greedy_batch(model, [encoded[i] for i in idx], max_new_tokens, eos, device, dtype,
+                             real)
         return [tokenizer.decode(ids) for ids in outs]
 
     with _evaluating(model):
@@ -549,7 +560,8 @@ def _default_metric(path: str, rec: dict) -> str:
     stem = os.path.splitext(os.path.basename(path))[0]
     for name in (stem, os.path.basename(os.path.dirname(os.path.abspath(path)))):
         key = re.sub(r"[^a-z0-9]", "", name.lower())
-        for task in sorted(TRACE_METRICS, key=len, reverse=True):  # "numgluecm" before a shorter key
+        # "numgluecm" before a shorter key
+        for task in sorted(TRACE_METRICS, key=len, reverse=True):
             if task in key:
                 return TRACE_METRICS[task]
     if "choices" in rec:
@@ -572,26 +584,31 @@ def _reference(rec: dict, where: str, text: bool = True):
         return ref
     refs = ref if isinstance(ref, list) else [ref]
     if not refs or any(isinstance(r, bool) or not isinstance(r, (str, int, float)) for r in refs):
-        raise data.DataError(f"{where}: '{key}' must be a string or a non-empty list of strings, got {ref!r}")
+        raise data.DataError(f"{where}: '{key}' must be a string or a non-empty list of strings, "
+                             f"got {ref!r}")
     refs = [r if isinstance(r, str) else str(r) for r in refs]
     return refs if isinstance(ref, list) else refs[0]
 
 
 def _example(rec: dict, metric: str, where: str) -> dict:
-    """One record in any supported format -> the prompt/reference (or choices, or text) it is scored on."""
+    """One record in any supported format -> the prompt/reference (or choices, or text) it is
+    scored on."""
     if metric == "ppl":
         if not isinstance(rec.get("text"), str):
-            raise data.DataError(f"{where}: metric 'ppl' needs a 'text' string (keys: {sorted(rec)})")
+            raise data.DataError(f"{where}: metric 'ppl' needs a 'text' string "
+                                 f"(keys: {sorted(rec)})")
         return {"text": rec["text"]}
     if metric == "mc":
         question = rec.get("question", rec.get("prompt"))
         choices = rec.get("choices")
         if not isinstance(question, str) or not isinstance(choices, list) or not choices:
-            raise data.DataError(f"{where}: metric 'mc' needs 'question' and a non-empty 'choices' list")
+            raise data.DataError(f"{where}: metric 'mc' needs 'question' and a non-empty "
+                                 f"'choices' list")
         choices = [str(c) for c in choices]
         ans = _reference(rec, where, text=False)
         if isinstance(ans, bool) or not isinstance(ans, (int, str)):
-            raise data.DataError(f"{where}: 'answer' must be a choice index or a choice text, got {ans!r}")
+            raise data.DataError(f"{where}: 'answer' must be a choice index or a choice text, "
+                                 f"got {ans!r}")
         if isinstance(ans, int):
             idx = ans
         elif ans in choices:
@@ -601,13 +618,15 @@ def _example(rec: dict, metric: str, where: str) -> dict:
         else:
             raise data.DataError(f"{where}: answer {ans!r} is not one of the choices {choices}")
         if not 0 <= idx < len(choices):
-            raise data.DataError(f"{where}: answer index {idx} is out of range for {len(choices)} choices")
+            raise data.DataError(f"{where}: answer index {idx} is out of range for "
+                                 f"{len(choices)} choices")
         return {"prompt": f"{question}\nAnswer:", "choices": choices, "answer": idx}
     if "messages" in rec:
         msgs = rec["messages"]
         if not isinstance(msgs, list) or not msgs or not isinstance(msgs[-1], dict) \
                 or msgs[-1].get("role") != "assistant":
-            raise data.DataError(f"{where}: 'messages' must end with an assistant message (the reference)")
+            raise data.DataError(f"{where}: 'messages' must end with an assistant message "
+                                 f"(the reference)")
         if not isinstance(msgs[-1].get("content"), str):
             raise data.DataError(f"{where}: the final assistant message has no 'content' string")
         return {"prompt": data.chat_prompt(msgs), "reference": msgs[-1]["content"].strip()}
@@ -615,7 +634,8 @@ def _example(rec: dict, metric: str, where: str) -> dict:
         return {"prompt": rec["prompt"], "reference": _reference(rec, where)}
     if "question" in rec:
         return {"prompt": f"Q: {rec['question']}\nA:", "reference": _reference(rec, where)}
-    raise data.DataError(f"{where}: metric {metric!r} needs 'prompt', 'question' or 'messages' (keys: {sorted(rec)})")
+    raise data.DataError(f"{where}: metric {metric!r} needs 'prompt', 'question' or 'messages' "
+                         f"(keys: {sorted(rec)})")
 
 
 def read_eval_file(path: str, metric: str | None = None) -> tuple[str, list[dict]]:
@@ -627,12 +647,14 @@ def read_eval_file(path: str, metric: str | None = None) -> tuple[str, list[dict
     if metric is None:
         named = {rec.get("metric") for _, rec in records}
         if len(named) > 1:
-            raise data.DataError(f"{path}: records name different metrics {sorted(map(str, named))}; "
-                             "one file is scored with one metric")
+            raise data.DataError(f"{path}: records name different metrics "
+                                 f"{sorted(map(str, named))}; one file is scored with one metric")
         metric = named.pop() or _default_metric(path, records[0][1])
     if metric not in METRICS:
-        raise data.DataError(f"{path}: unknown metric {metric!r} (choose from {', '.join(METRICS)})")
-    where = (lambda n: f"{path}: record [{n}]") if path.lower().endswith(".json") else (lambda n: f"{path}: line {n}")
+        raise data.DataError(f"{path}: unknown metric {metric!r} "
+                             f"(choose from {', '.join(METRICS)})")
+    where = ((lambda n: f"{path}: record [{n}]") if path.lower().endswith(".json")
+             else (lambda n: f"{path}: line {n}"))
     return metric, [_example(rec, metric, where(n)) for n, rec in records]
 
 
@@ -640,7 +662,8 @@ def _score_texts(examples, metric, texts) -> list[dict]:
     """Score generated texts against their examples: the one path for evaluate_file's own
     generations and score_predictions' texts from elsewhere."""
     fn = GEN_METRICS[metric]
-    return [{"prompt": ex["prompt"], "prediction": p, "reference": ex["reference"], "score": fn(ex, p)}
+    return [{"prompt": ex["prompt"], "prediction": p, "reference": ex["reference"],
+             "score": fn(ex, p)}
             for ex, p in zip(examples, texts)]
 
 
@@ -672,9 +695,9 @@ def _score_choices(model, tokenizer, examples, batch_size, max_batch_tokens):
     for ex in examples:
         lp = [next(logps) for _ in ex["choices"]]
         pick = max(range(len(lp)), key=lambda i: lp[i])  # first of equal scores
-        out.append({"prompt": ex["prompt"], "choices": ex["choices"], "prediction": ex["choices"][pick],
-                    "reference": ex["choices"][ex["answer"]], "logprobs": lp,
-                    "score": float(pick == ex["answer"])})
+        out.append({"prompt": ex["prompt"], "choices": ex["choices"],
+                    "prediction": ex["choices"][pick], "reference": ex["choices"][ex["answer"]],
+                    "logprobs": lp, "score": float(pick == ex["answer"])})
     return out
 
 
@@ -690,11 +713,13 @@ def _score_text(model, tokenizer, examples, batch_size, max_batch_tokens):
             seqs.append((window, len(window) - 1))
             owner.append(k)
     nll, ntok = [0.0] * len(examples), [0] * len(examples)
-    for k, (_, n), lp in zip(owner, seqs, score_continuations(model, seqs, batch_size, max_batch_tokens)):
+    for k, (_, n), lp in zip(owner, seqs,
+                             score_continuations(model, seqs, batch_size, max_batch_tokens)):
         nll[k] -= lp
         ntok[k] += n
     return [{"text": ex["text"][:200], "nll": nll[k], "tokens": ntok[k],
-             "score": math.exp(nll[k] / ntok[k]) if ntok[k] else None} for k, ex in enumerate(examples)]
+             "score": math.exp(nll[k] / ntok[k]) if ntok[k] else None}
+            for k, ex in enumerate(examples)]
 
 
 def evaluate_file(model, tokenizer, path: str, metric: str | None = None, max_new_tokens: int = 64,
@@ -779,7 +804,8 @@ def read_predictions(path: str) -> list[str]:
             whole = None  # JSON Lines: one value per line, read below
         if isinstance(whole, list):
             return _checked_strings(path, whole, lambda i: f"item [{i}]")
-        if isinstance(whole, dict) and "prediction" not in whole and isinstance(whole.get("results"), list):
+        if (isinstance(whole, dict) and "prediction" not in whole
+                and isinstance(whole.get("results"), list)):
             return _checked_strings(path, whole["results"], lambda i: f"'results' [{i}]")  # TRACE's
     preds = []
     for n, line in enumerate(text.split("\n"), 1):
@@ -790,8 +816,8 @@ def read_predictions(path: str) -> list[str]:
         except json.JSONDecodeError as e:
             raise _malformed(path, n, e) from None
         if not isinstance(rec, dict) or "prediction" not in rec:
-            raise data.DataError(f"{path}: line {n}: expected an object with a 'prediction' string, "
-                                 f"found {json.dumps(rec, ensure_ascii=False)[:80]}")
+            raise data.DataError(f"{path}: line {n}: expected an object with a 'prediction' "
+                                 f"string, found {json.dumps(rec, ensure_ascii=False)[:80]}")
         preds.append(_checked_strings(path, [rec["prediction"]], lambda i: f"line {n}")[0])
     if not preds:
         raise data.DataError(f"{path}: no predictions (empty file)")
@@ -843,7 +869,8 @@ def write_report(out_dir: str, base: dict | None, stages: list[dict]) -> dict:
     }
     os.makedirs(out_dir, exist_ok=True)
     _write_atomic(os.path.join(out_dir, "report.json"), json.dumps(report, indent=2) + "\n")
-    _write_atomic(os.path.join(out_dir, "report.md"), _report_md(report, [s["name"] for s in stages]))
+    _write_atomic(os.path.join(out_dir, "report.md"),
+                  _report_md(report, [s["name"] for s in stages]))
     return report
 
 
@@ -891,16 +918,19 @@ def _report_md(report: dict, stage_names: list[str]) -> str:
             md.append(f"| {t['name']} | " + " | ".join(cells) + " |")
         md += ["", f"**OP** {_num(report['OP'])}  **BWT** {_num(report['BWT'])}  (OP = mean of the "
                "last row; BWT = (1/T) sum_i (R[T][i] - R[i][i]), TRACE's definition)", "",
-               "Task files: " + "; ".join(f"{t['name']}: {', '.join(t['eval_files'])}" for t in tasks), ""]
+               "Task files: " + "; ".join(f"{t['name']}: {', '.join(t['eval_files'])}"
+                                          for t in tasks), ""]
     if report["probes"]:
         md += ["## Probes: score after each stage (retention vs the base model)", "",
                "| probe | metric | base | " + " | ".join(stage_names) + " |",
                "|---|---|---|" + "---|" * len(stage_names)]
         for f, p in report["probes"].items():
             cells = [("" if r["score"] is None else _num(r["score"]) +
-                      ("" if r["retention"] is None else f" ({r['retention']:.1f}%)")) for r in p["stages"]]
+                      ("" if r["retention"] is None else f" ({r['retention']:.1f}%)"))
+                     for r in p["stages"]]
             metric = f"{p['metric']}" + ("" if p["higher_is_better"] else " (lower is better)")
-            md.append(f"| {os.path.basename(f)} | {metric} | {_num(p['base'])} | " + " | ".join(cells) + " |")
+            md.append(f"| {os.path.basename(f)} | {metric} | {_num(p['base'])} | "
+                      + " | ".join(cells) + " |")
         md.append("")
     return "\n".join(md)
 
@@ -919,24 +949,30 @@ def _print_results(results: list[dict]):
 
 
 def _parse_args(argv):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     source = ap.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", help="model directory (Meta or HF format, see checkpoint.load_model)")
-    source.add_argument("--predictions", help="score these predictions, made elsewhere, against the one "
-                        "--data file without a model: JSON Lines of {\"prediction\": ...} in record "
-                        "order, or a JSON list of strings")
-    ap.add_argument("--data", required=True, nargs="+", help="evaluation files (.jsonl / .json / .txt)")
+    source.add_argument("--model",
+                        help="model directory (Meta or HF format, see checkpoint.load_model)")
+    source.add_argument("--predictions", help="score these predictions, made elsewhere, against "
+                        "the one --data file without a model: JSON Lines of {\"prediction\": ...} "
+                        "in record order, or a JSON list of strings")
+    ap.add_argument("--data", required=True, nargs="+",
+                    help="evaluation files (.jsonl / .json / .txt)")
     ap.add_argument("--metric", choices=METRICS, help="override the metric for every file")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-batch-tokens", type=int, default=MAX_BATCH_TOKENS,
-                    help="positions a batch holds at most, padding and new tokens included (0: no bound)")
+                    help="positions a batch holds at most, padding and new tokens included "
+                         "(0: no bound)")
     ap.add_argument("--out", help="write results (with per-example predictions) to this JSON file")
     ap.add_argument("--tokenizer", help="SentencePiece model (default: MODEL/tokenizer.model)")
     ap.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
                     help="as train.py's train.device: auto = CUDA when present")
-    ap.add_argument("--dtype", choices=("float32", "bfloat16"), help="default: bfloat16 on GPU, float32 on CPU")
-    ap.add_argument("--max-seq-len", type=int, help="context length (default: the checkpoint's, see checkpoint.load_model)")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"),
+                    help="default: bfloat16 on GPU, float32 on CPU")
+    ap.add_argument("--max-seq-len", type=int,
+                    help="context length (default: the checkpoint's, see checkpoint.load_model)")
     args = ap.parse_args(argv)
     if args.predictions and len(args.data) != 1:
         ap.error(f"--predictions scores exactly one --data file, got {len(args.data)}")
@@ -968,15 +1004,18 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = (getattr(torch, args.dtype) if args.dtype
+             else (torch.bfloat16 if device.type == "cuda" else torch.float32))
     rank = rank_world()[0]
 
     tok_path = args.tokenizer or os.path.join(args.model, "tokenizer.model")
     try:
         tokenizer = data.Tokenizer(tok_path)
-        model = checkpoint.load_model(args.model, dtype=dtype, device=device, max_seq_len=args.max_seq_len)
-        results = [evaluate_file(model, tokenizer, f, metric=args.metric, max_new_tokens=args.max_new_tokens,
-                                 batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens)
+        model = checkpoint.load_model(args.model, dtype=dtype, device=device,
+                                      max_seq_len=args.max_seq_len)
+        results = [evaluate_file(model, tokenizer, f, metric=args.metric,
+                                 max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                                 max_batch_tokens=args.max_batch_tokens)
                    for f in args.data]
     except (ValueError, OSError) as e:  # DataError is a ValueError
         print(f"error: {e}", file=sys.stderr)

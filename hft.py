@@ -87,14 +87,16 @@ def _classify(name: str) -> tuple[str, int | None]:
         return "embeddings", None
     if name == FINAL_NORM:
         return "final_norm", None
-    raise ValueError(f"hft: parameter {name!r} is not a LLaMA-2 tensor HFT can place (expected Meta "
-                     "names: layers.N.attention.wq.weight, layers.N.ffn_norm.weight, output.weight, ...)")
+    raise ValueError(f"hft: parameter {name!r} is not a LLaMA-2 tensor HFT can place (expected "
+                     "Meta names: layers.N.attention.wq.weight, layers.N.ffn_norm.weight, "
+                     "output.weight, ...)")
 
 
 def check_settings(granularity: str, ratio: float):
     """The [hft] settings, each error naming its key (train.py checks configs with it)."""
     if granularity not in GRANULARITIES:
-        raise ValueError(f"hft.granularity = {granularity!r}: expected one of {', '.join(GRANULARITIES)}")
+        raise ValueError(f"hft.granularity = {granularity!r}: expected one of "
+                         f"{', '.join(GRANULARITIES)}")
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
         raise ValueError(f"hft.ratio = {ratio!r}: expected a number in (0, 1]")
 
@@ -118,8 +120,9 @@ def _layers(names: list[str]) -> list[dict[str, list[str]]]:
     for cat in CATEGORIES:
         sizes = {len(layer[cat]) for layer in layers}
         if len(sizes) > 1:
-            raise ValueError(f"hft: layers hold different numbers of {cat} tensors ({sorted(sizes)}); "
-                             "the per-layer rule needs the same set in every layer")
+            raise ValueError(f"hft: layers hold different numbers of {cat} tensors "
+                             f"({sorted(sizes)}); the per-layer rule needs the same set "
+                             "in every layer")
     return layers
 
 
@@ -151,7 +154,8 @@ def select_trainable(model: nn.Module, granularity: str = "category", ratio: flo
         chosen = [n for i in picked for c in CATEGORIES for n in layers[i][c]]
     else:  # "model"
         chosen = rng.sample(every, _round(q * len(every)))
-    outside = [n for n in names if _classify(n)[1] is None and (train_embeddings or n not in EMBEDDINGS)]
+    outside = [n for n in names
+               if _classify(n)[1] is None and (train_embeddings or n not in EMBEDDINGS)]
     return set(chosen) | set(outside)
 
 
@@ -167,7 +171,8 @@ def apply_mask(model: nn.Module, trainable: set[str]):
         p.requires_grad_(name in trainable)
 
 
-def param_groups(model: nn.Module, weight_decay: float, element_mask: "ElementMask | None" = None) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float,
+                 element_mask: "ElementMask | None" = None) -> list[dict]:
     """AdamW parameter groups from the trainable parameters only (frozen ones get no state).
 
     Weight decay on matrices and embeddings (ndim >= 2), none on norm weights: the common practice
@@ -209,14 +214,16 @@ class ElementMask:
     def __init__(self, model: nn.Module, ratio: float, seed: int = 0, stage: int = 0):
         check_settings("parameter", ratio)
         self.ratio, self.seed, self.stage = ratio, seed, stage
-        self.masks: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # name -> (param, frozen shard)
+        # name -> (param, frozen shard)
+        self.masks: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._trainable = 0
         for name, p in model.named_parameters():
             name = meta_name(name)
             if _classify(name)[1] is None:
                 continue  # embeddings and final norm: trainable or frozen whole (train_embeddings)
             digest = hashlib.sha256(f"hft:{seed}:{stage}:{name}".encode()).digest()
-            gen = torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+            gen = torch.Generator(device="cpu").manual_seed(
+                int.from_bytes(digest[:8], "little") >> 1)
             keep = torch.rand(tuple(p.shape), generator=gen) < ratio
             self._trainable += int(keep.sum())
             frozen = ~keep
@@ -224,7 +231,8 @@ class ElementMask:
                 from torch.distributed.tensor import distribute_tensor
                 # Every rank holds the same full mask, so split locally (src_data_rank=None: no
                 # scatter) with the parameter's own placements, e.g. FSDP2's Shard(0).
-                frozen = distribute_tensor(frozen, p.device_mesh, p.placements, src_data_rank=None).to_local()
+                frozen = distribute_tensor(frozen, p.device_mesh, p.placements,
+                                           src_data_rank=None).to_local()
             self.masks[name] = (p, frozen.to(_local(p).device))
 
     @property
@@ -232,7 +240,8 @@ class ElementMask:
         return set(self.masks)
 
     def trainable_elements(self) -> int:
-        """Trainable elements of the masked (layer) tensors, counted over the full, unsharded tensors."""
+        """Trainable elements of the masked (layer) tensors, counted over the full, unsharded
+        tensors."""
         return self._trainable
 
     @torch.no_grad()
@@ -244,8 +253,9 @@ class ElementMask:
                 continue
             g = _local(p.grad)
             if g.shape != frozen.shape:
-                raise ValueError(f"hft: gradient of {name} has local shape {tuple(g.shape)} but its "
-                                 f"element mask has {tuple(frozen.shape)}; build ElementMask after sharding")
+                raise ValueError(f"hft: gradient of {name} has local shape {tuple(g.shape)} but "
+                                 f"its element mask has {tuple(frozen.shape)}; "
+                                 f"build ElementMask after sharding")
             g.masked_fill_(frozen, 0)  # masked_fill, not mul: 0 * inf would be nan
 
     @torch.no_grad()
@@ -267,7 +277,8 @@ def summarize(model: nn.Module, trainable: set[str], element_ratio: float | None
     """Trainable and total parameters per category and overall (numel only: works on meta).
     With element_ratio (the "parameter" granularity) layer tensors count round(ratio * numel),
     the expected number of trainable elements."""
-    rows = {c: {"trainable": 0, "total": 0} for c in (*CATEGORIES, "embeddings", "final_norm", "total")}
+    rows = {c: {"trainable": 0, "total": 0}
+            for c in (*CATEGORIES, "embeddings", "final_norm", "total")}
     q = _fraction(element_ratio) if element_ratio is not None else None
     for name, p in model.named_parameters():
         name = meta_name(name)
@@ -290,7 +301,8 @@ def format_summary(summary: dict) -> str:
         pct = 100.0 * r["trainable"] / r["total"] if r["total"] else 0.0
         lines.append(f"{cat:<14}{r['trainable']:>17,}{r['total']:>17,}{pct:>8.1f}")
     if summary.get("element_ratio") is not None:
-        lines.append(f"(element mask, ratio {summary['element_ratio']}: layer counts are expected values)")
+        lines.append(f"(element mask, ratio {summary['element_ratio']}: layer counts are "
+                     f"expected values)")
     return "\n".join(lines)
 
 
@@ -298,8 +310,9 @@ def make_mask(model: nn.Module, granularity: str = "category", ratio: float = 0.
               stage: int = 0, train_embeddings: bool = True) -> dict:
     """The contents of mask.json for one stage: the draw, its inputs, and the summary."""
     trainable = select_trainable(model, granularity, ratio, seed, stage, train_embeddings)
-    return {"granularity": granularity, "ratio": float(ratio), "seed": int(seed), "stage": int(stage),
-            "train_embeddings": bool(train_embeddings), "trainable": sorted(trainable),
+    return {"granularity": granularity, "ratio": float(ratio), "seed": int(seed),
+            "stage": int(stage), "train_embeddings": bool(train_embeddings),
+            "trainable": sorted(trainable),
             "summary": summarize(model, trainable, ratio if granularity == "parameter" else None)}
 
 
@@ -316,7 +329,8 @@ def load_mask(path: str | os.PathLike) -> dict:
         with open(path) as f:
             mask = json.load(f)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+        raise ValueError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: "
+                         f"{e.msg})") from None
     if not isinstance(mask, dict):
         raise ValueError(f"{path}: expected a JSON object with keys {', '.join(MASK_KEYS)}")
     missing = [k for k in MASK_KEYS if k not in mask]
@@ -326,7 +340,8 @@ def load_mask(path: str | os.PathLike) -> dict:
         check_settings(mask["granularity"], mask["ratio"])
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
-    if not isinstance(mask["trainable"], list) or not all(isinstance(n, str) for n in mask["trainable"]):
+    if (not isinstance(mask["trainable"], list)
+            or not all(isinstance(n, str) for n in mask["trainable"])):
         raise ValueError(f"{path}: 'trainable' must be a list of parameter names")
     for key in ("seed", "stage"):
         if isinstance(mask[key], bool) or not isinstance(mask[key], int):

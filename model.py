@@ -33,11 +33,14 @@ class ModelArgs:
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.dim % self.n_heads:
-            raise ValueError(f"ModelArgs: dim={self.dim} is not divisible by n_heads={self.n_heads}")
+            raise ValueError(f"ModelArgs: dim={self.dim} is not divisible by "
+                             f"n_heads={self.n_heads}")
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"ModelArgs: n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
+            raise ValueError(f"ModelArgs: n_heads={self.n_heads} is not divisible by "
+                             f"n_kv_heads={self.n_kv_heads}")
         if (self.dim // self.n_heads) % 2:
-            raise ValueError(f"ModelArgs: head_dim={self.dim // self.n_heads} must be even for rotary embeddings")
+            raise ValueError(f"ModelArgs: head_dim={self.dim // self.n_heads} must be even for "
+                             f"rotary embeddings")
 
     @property
     def head_dim(self) -> int:
@@ -185,13 +188,15 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         # Rotary table for 2*max_seq_len positions, as Meta's reference precomputes it. Not
         # persistent: it is derived from args, never read from or written to a checkpoint.
-        self.register_buffer("rope", precompute_rope(args.head_dim, args.max_seq_len * 2, args.rope_theta),
+        self.register_buffer("rope", precompute_rope(args.head_dim, args.max_seq_len * 2,
+                                                     args.rope_theta),
                              persistent=False)
 
     def init_buffers(self):
         """Recompute the rotary table (needed after building on the meta device and `to_empty`)."""
         a = self.args
-        self.rope = precompute_rope(a.head_dim, a.max_seq_len * 2, a.rope_theta).to(self.rope.device)
+        self.rope = precompute_rope(a.head_dim, a.max_seq_len * 2,
+                                    a.rope_theta).to(self.rope.device)
 
     @torch.no_grad()
     def init_weights(self, seed: Optional[int] = None):
@@ -217,7 +222,8 @@ class Transformer(nn.Module):
             self.init_buffers()
         return self
 
-    def new_cache(self, batch_size: int, max_len: int, dtype: Optional[torch.dtype] = None) -> KVCache:
+    def new_cache(self, batch_size: int, max_len: int,
+                  dtype: Optional[torch.dtype] = None) -> KVCache:
         """An empty KV cache, by default in the parameters' dtype (attention casts what it reads
         to its compute dtype, so a float32 cache under bf16 mixed precision is still correct)."""
         p = self.output.weight
@@ -241,7 +247,8 @@ class Transformer(nn.Module):
         if cache is not None or key_mask is not None:
             S = start_pos + T
             if S > self.rope.shape[0]:
-                raise ValueError(f"sequence of {S} positions exceeds the rotary table ({self.rope.shape[0]})")
+                raise ValueError(f"sequence of {S} positions exceeds the rotary table "
+                                 f"({self.rope.shape[0]})")
             # Query i (absolute position start_pos+i) sees keys 0..start_pos+i.
             mask = torch.ones(T, S, dtype=torch.bool, device=tokens.device).tril(diagonal=start_pos)
             mask = mask[None, None]

@@ -76,7 +76,8 @@ CHOICES = {
 }
 STAGE_KEYS = {"name", "kind", "train", "eval"}
 STAGE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")  # a directory name in out_dir
-RESERVED = {"tokenized", "base_eval.json", "report.json", "report.md", "summary.json", "run_config.json"}
+RESERVED = {"tokenized", "base_eval.json", "report.json", "report.md", "summary.json",
+            "run_config.json"}
 
 
 class ConfigError(ValueError):
@@ -97,7 +98,8 @@ def _check_value(key: str, value, default):
     else:
         ok = isinstance(value, type(default))
     if not ok:
-        raise ConfigError(f"config key '{key}': expected {type(default).__name__ if default is not None else 'str'}, "
+        raise ConfigError(f"config key '{key}': expected "
+                          f"{type(default).__name__ if default is not None else 'str'}, "
                           f"got {value!r}")
     choices = CHOICES.get(key)
     if choices and value not in choices:
@@ -186,12 +188,14 @@ def resolve_stage(st: dict, i: int, cfg: dict, path: str) -> dict:
     for k in ("name", "kind", "train"):
         if k not in st:
             raise ConfigError(f"{path}: {where} is missing '{k}'")
-    s = {"name": st["name"], "kind": _check_value("stages.kind", st["kind"], ""), "data": st["train"],
-         "eval": st.get("eval", []), "hft": dict(cfg["hft"]), "train": dict(cfg["train"])}
-    if not isinstance(s["name"], str) or not STAGE_NAME.fullmatch(s["name"]) or s["name"] in RESERVED:
-        raise ConfigError(f"{path}: {where}.name must be a unique plain name (letters, digits, '_', "
-                          f"'-', '.', not starting with '.' or '-'; it names a directory in out_dir, "
-                          f"other than {', '.join(sorted(RESERVED))}), got {s['name']!r}")
+    s = {"name": st["name"], "kind": _check_value("stages.kind", st["kind"], ""),
+         "data": st["train"], "eval": st.get("eval", []), "hft": dict(cfg["hft"]),
+         "train": dict(cfg["train"])}
+    if (not isinstance(s["name"], str) or not STAGE_NAME.fullmatch(s["name"])
+            or s["name"] in RESERVED):
+        raise ConfigError(f"{path}: {where}.name must be a unique plain name (letters, digits, "
+                          f"'_', '-', '.', not starting with '.' or '-'; it names a directory in "
+                          f"out_dir, other than {', '.join(sorted(RESERVED))}), got {s['name']!r}")
     if isinstance(s["eval"], str):
         s["eval"] = [s["eval"]]
     for k, v in st.items():
@@ -220,14 +224,16 @@ def cfg_checks(s: dict, where: str):
         if t[key] < 0:
             raise ConfigError(f"{where}: train.{key} must be >= 0, got {t[key]}")
     if not 0 < t["lr"] or not 0 <= t["warmup_ratio"] <= 1 or not 0 <= t["min_lr_ratio"] <= 1:
-        raise ConfigError(f"{where}: need train.lr > 0 and train.warmup_ratio, train.min_lr_ratio in [0, 1]")
+        raise ConfigError(f"{where}: need train.lr > 0 and train.warmup_ratio, "
+                          f"train.min_lr_ratio in [0, 1]")
     if len(t["betas"]) != 2 or not all(0 <= b < 1 for b in t["betas"]):
         raise ConfigError(f"{where}: train.betas must be two numbers in [0, 1), got {t['betas']}")
     if t["batch_size"] % t["micro_batch_size"]:
         raise ConfigError(f"{where}: train.batch_size = {t['batch_size']} is not a multiple of "
                           f"train.micro_batch_size = {t['micro_batch_size']}")
     if s["kind"] == "dpo" and t["dpo_beta"] <= 0:
-        raise ConfigError(f"{where}: train.dpo_beta must be > 0 for a dpo stage, got {t['dpo_beta']}")
+        raise ConfigError(f"{where}: train.dpo_beta must be > 0 for a dpo stage, "
+                          f"got {t['dpo_beta']}")
     try:
         hft.check_settings(s["hft"]["granularity"], s["hft"]["ratio"])
     except ValueError as e:
@@ -249,8 +255,8 @@ def check_together(cfg: dict, path: str):
                           f"prompt (generation needs at least 2: bos and one token)")
     for i, st in enumerate(cfg["stages"]):
         for item in st["eval"]:
-            if not (isinstance(item, str) or isinstance(item, dict) and isinstance(item.get("path"), str)
-                    and set(item) <= {"path", "metric"}):
+            if not (isinstance(item, str) or isinstance(item, dict)
+                    and isinstance(item.get("path"), str) and set(item) <= {"path", "metric"}):
                 raise ConfigError(f"{path}: stages[{i}].eval: each entry is a file path or "
                                   f"{{path = ..., metric = ...}}, got {item!r}")
 
@@ -267,7 +273,8 @@ def compute_dtype(tcfg: dict, device) -> torch.dtype:
     """`[train] precision`: "auto" is bf16 on a GPU and fp32 on the CPU; "bf16" is bf16 compute
     (fp32 master weights, fp32 gradient reduction) on any device, the CPU included."""
     p = tcfg["precision"]
-    return torch.bfloat16 if p == "bf16" or (p == "auto" and device.type == "cuda") else torch.float32
+    return (torch.bfloat16 if p == "bf16" or (p == "auto" and device.type == "cuda")
+            else torch.float32)
 
 
 def shard_model(model: Transformer, tcfg: dict, device) -> Transformer:
@@ -284,15 +291,17 @@ def shard_model(model: Transformer, tcfg: dict, device) -> Transformer:
     rep = tcfg["replicate"]
     if world % rep:
         raise ConfigError(f"train.replicate = {rep} does not divide the world size {world}")
-    mesh = (init_device_mesh(device.type, (rep, world // rep), mesh_dim_names=("replicate", "shard"))
+    mesh = (init_device_mesh(device.type, (rep, world // rep),
+                             mesh_dim_names=("replicate", "shard"))
             if rep > 1 else init_device_mesh(device.type, (world,), mesh_dim_names=("shard",)))
     bf16 = compute_dtype(tcfg, device) == torch.bfloat16
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32,
-                              cast_forward_inputs=False)
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
+                              reduce_dtype=torch.float32, cast_forward_inputs=False)
     if tcfg["activation_checkpointing"]:
         for block in model.layers:
             _checkpoint_block(block)
-    frozen = {p for p in model.parameters() if not p.requires_grad} if tcfg["replicate_frozen"] else None
+    frozen = ({p for p in model.parameters() if not p.requires_grad}
+              if tcfg["replicate_frozen"] else None)
     for block in model.layers:
         fully_shard(block, mesh=mesh, mp_policy=mp, ignored_params=frozen)
     fully_shard(model, mesh=mesh, mp_policy=mp, ignored_params=frozen)
@@ -304,7 +313,8 @@ def shard_model(model: Transformer, tcfg: dict, device) -> Transformer:
     return model
 
 
-def build_model(reader: CheckpointReader, tcfg: dict, trainable: set[str] | None, device) -> Transformer:
+def build_model(reader: CheckpointReader, tcfg: dict, trainable: set[str] | None,
+                device) -> Transformer:
     """Meta-device build -> HFT requires_grad -> shard -> materialise -> copy weights tensor by
     tensor, each rank keeping only its shard (no rank ever holds a full copy of the model).
     Frozen tensors outside FSDP (train.replicate_frozen) are whole, in the compute dtype."""
@@ -443,14 +453,15 @@ def resume(stage_dir, name, model, opt, device) -> int:
             f"({err or 'on another rank'}); trying the one before it")
     if ckpts:
         raise ConfigError(f"stage '{name}': none of its {len(ckpts)} checkpoints in "
-                          f"{os.path.join(stage_dir, 'checkpoints')} loads; delete that directory to "
-                          "start the stage over")
+                          f"{os.path.join(stage_dir, 'checkpoints')} loads; delete that directory "
+                          "to start the stage over")
     return 0
 
 
 def export(model, reader, path, fmt, dtype_name, tokenizer_path):
     """Gather full weights to rank 0 (CPU) and write them atomically in Meta or HF format."""
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                cpu_offload=True))
     if dist.get_rank() == 0:
         for name, p in model.named_parameters():
             if not isinstance(p, DTensor) and p.dtype != torch.float32:
@@ -485,7 +496,8 @@ def forward_loss(model, batch, kind, ref, beta, device):
         return loss_sum, {}
     logps = pair_logps(model, batch, device)
     n = batch["chosen_input_ids"].shape[0]
-    losses, m = data.dpo_loss(logps[:n], logps[n:], ref[:, 0].to(device), ref[:, 1].to(device), beta)
+    losses, m = data.dpo_loss(logps[:n], logps[n:], ref[:, 0].to(device), ref[:, 1].to(device),
+                              beta)
     return losses.sum(), {k: v.detach().sum() for k, v in m.items()}
 
 
@@ -555,7 +567,8 @@ def train_step(model, trainable, mbs, kind, ref_mbs, denom, t, element_mask, dev
     clip = t["grad_clip"] if t["grad_clip"] > 0 else float("inf")
     gn = torch.nn.utils.clip_grad_norm_(trainable, clip, foreach=True)
     gn = gn.full_tensor() if isinstance(gn, DTensor) else gn
-    red = torch.stack([loss_acc.float(), *(torch.as_tensor(v, device=device).float() for v in extra.values())])
+    red = torch.stack([loss_acc.float(),
+                       *(torch.as_tensor(v, device=device).float() for v in extra.values())])
     dist.all_reduce(red)
     return red[0] / max(denom, 1), gn, dict(zip(extra, red[1:] / t["batch_size"]))
 
@@ -659,7 +672,8 @@ def stage_examples(cfg, idx, stage, tok) -> data.Mixture:
     earlier = [st for st in cfg["stages"][:idx] if (st["kind"] == "dpo") == pairs]
     if not r or not earlier:
         if r:
-            log(f"stage '{stage['name']}': train.replay = {r}, but no earlier stage has its kind of data")
+            log(f"stage '{stage['name']}': train.replay = {r}, but no earlier stage "
+                f"has its kind of data")
         return data.Mixture(own, [])
     pools = [load(st, quiet) for st in earlier]
     n = math.floor(r * len(own) + 0.5)
@@ -697,7 +711,8 @@ def stage_mask(cfg, idx, stage, args) -> dict:
     h = stage["hft"]
     with torch.device("meta"):
         shapes = Transformer(args)
-    mask = hft.make_mask(shapes, h["granularity"], h["ratio"], cfg["seed"], idx, h["train_embeddings"])
+    mask = hft.make_mask(shapes, h["granularity"], h["ratio"], cfg["seed"], idx,
+                         h["train_embeddings"])
     if dist.get_rank() == 0:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         hft.save_mask(path, mask)
@@ -748,7 +763,8 @@ def train_loop(run: StageRun, tok, device) -> tuple[float, float]:
                 mfile.write(json.dumps(rec) + "\n")
                 mfile.flush()
             fault_injection(run.name, step + 1)
-            bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{gtok / dt:.0f}")
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}",
+                            tok_s=f"{gtok / dt:.0f}")
             bar.update(1)
             done, stopping = step + 1 == run.total, stop()
             if done or stopping or (run.t["save_every"] and (step + 1) % run.t["save_every"] == 0):
@@ -803,10 +819,12 @@ def preempt(run: StageRun, step: int, device):
     """Save the state after `step` completed steps (unless that checkpoint exists) and stop."""
     ckpts = checkpoint_dirs(run.dir)
     if step > 0 and not (ckpts and ckpts[-1].endswith(f"step-{step:08d}")):
-        save_training_checkpoint(run.dir, step, run.model, run.opt, device, run.examples.fingerprints)
+        save_training_checkpoint(run.dir, step, run.model, run.opt, device,
+                                 run.examples.fingerprints)
     raise Preempted(f"SIGTERM: saved a checkpoint of stage '{run.name}' at step {step}; "
                     "run the same command again to continue" if step else
-                    f"SIGTERM before the first step of stage '{run.name}' finished; nothing to save")
+                    f"SIGTERM before the first step of stage '{run.name}' finished; "
+                    "nothing to save")
 
 
 def fault_injection(name: str, step: int):
@@ -854,13 +872,15 @@ def evaluate_all(cfg, model, tok, files, tcfg: dict, device) -> dict:
 def run(cfg: dict):
     """Every stage of the config in order, each scored after it, then the report and summary."""
     device, tok = start_run(cfg)
-    out, has_evals = cfg["out_dir"], bool(cfg["eval"]["probes"]) or any(s["eval"] for s in cfg["stages"])
+    out, has_evals = cfg["out_dir"], (bool(cfg["eval"]["probes"])
+                                      or any(s["eval"] for s in cfg["stages"]))
     base = read_json(os.path.join(out, "base_eval.json")) if has_evals else None
     init_path = cfg["model"]["path"]
     all_stats, stage_evals = [], []
     for idx, stage in enumerate(cfg["stages"]):
         stage_dir = os.path.join(out, stage["name"])
-        if os.path.exists(os.path.join(stage_dir, "done.json")):  # finished stages are not retrained
+        # finished stages are not retrained
+        if os.path.exists(os.path.join(stage_dir, "done.json")):
             log(f"stage '{stage['name']}' is done ({stage_dir}/done.json); skipping")
             all_stats.append(read_json(os.path.join(stage_dir, "done.json")))
             scores = read_json(os.path.join(stage_dir, "eval.json"))
@@ -1010,26 +1030,29 @@ def check_shared_dir(path: str):
         os.remove(probe)
     blind = [f"rank {r} on {host}" for r, (ok, host) in enumerate(views) if not ok]
     if blind:
-        raise ConfigError(f"out_dir {path} is not visible from {', '.join(blind)}: on several nodes "
-                          "out_dir must be on a filesystem every node mounts (checkpoints, exports and "
-                          "each stage's input are read from it)")
+        raise ConfigError(f"out_dir {path} is not visible from {', '.join(blind)}: on several "
+                          "nodes out_dir must be on a filesystem every node mounts (checkpoints, "
+                          "exports and each stage's input are read from it)")
 
 
 def print_summary(stats):
-    head = f"{'stage':<16}{'kind':<6}{'steps':>7}{'wall s':>9}{'tok/s':>10}{'peak MiB':>10}{'trainable':>13}{'optim MiB':>11}"
+    head = (f"{'stage':<16}{'kind':<6}{'steps':>7}{'wall s':>9}{'tok/s':>10}{'peak MiB':>10}"
+            f"{'trainable':>13}{'optim MiB':>11}")
     print("\n" + head + "\n" + "-" * len(head))
     for s in stats:
         tp = s.get("trainable_params")
-        print(f"{s['name']:<16}{s['kind']:<6}{s['steps']:>7}{s['wall_time_s']:>9.1f}{s['tokens_per_s']:>10.0f}"
-              f"{s['peak_memory_bytes'] / 2**20:>10.0f}{(tp if tp is not None else 0):>13,}"
-              f"{s['optimizer_state_bytes'] / 2**20:>11.1f}")
+        print(f"{s['name']:<16}{s['kind']:<6}{s['steps']:>7}{s['wall_time_s']:>9.1f}"
+              f"{s['tokens_per_s']:>10.0f}{s['peak_memory_bytes'] / 2**20:>10.0f}"
+              f"{(tp if tp is not None else 0):>13,}{s['optimizer_state_bytes'] / 2**20:>11.1f}")
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="TOML file (see configs/)")
     ap.add_argument("--plan", action="store_true", help="print what each GPU of a --world-size N "
-                    "run holds per stage, whether it fits, and the steps; one CPU process (bench.py)")
+                    "run holds per stage, whether it fits, and the steps; one CPU process "
+                    "(bench.py)")
     ap.add_argument("--world-size", type=int, help="--plan: GPUs of the run")
     ap.add_argument("--gpu-memory-gib", type=float, default=80.0,
                     help="--plan: memory of one GPU (A100 80GB: 80, H100 80GB: 79.6)")
@@ -1037,8 +1060,9 @@ def main(argv=None):
     args, overrides = ap.parse_known_args(argv)
     if args.plan:  # bench.py's planner, in its own process: bench imports train, never the reverse
         argv = sys.argv[1:] if argv is None else argv
-        return subprocess.call([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                             "bench.py"), *argv])
+        return subprocess.call([sys.executable,
+                                os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                             "bench.py"), *argv])
     try:
         cfg = load_config(args.config, overrides)
     except ConfigError as e:
@@ -1050,7 +1074,8 @@ def main(argv=None):
         log(str(e))
         code = 0
     except (ConfigError, data.DataError) as e:
-        print(f"error (rank {dist.get_rank() if dist.is_initialized() else 0}): {e}", file=sys.stderr)
+        print(f"error (rank {dist.get_rank() if dist.is_initialized() else 0}): {e}",
+              file=sys.stderr)
         code = 2
     else:
         code = 0

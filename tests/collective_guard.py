@@ -44,13 +44,14 @@ def check(name: str, bound: dict):
     want = inputs[0].device
     for t in _tensors(bound.get(out_key)):
         if t.device != want:
-            raise AssertionError(f"collective {name}: an output buffer is on {t.device} but the input "
-                                 f"is on {want}; under NCCL both must be on the rank's GPU")
+            raise AssertionError(f"collective {name}: an output buffer is on {t.device} but the "
+                                 f"input is on {want}; under NCCL both must be on the rank's GPU")
     return [str(want)]
 
 
 def install(log_path: str | None = None):
-    """Wrap torch.distributed's tensor collectives (idempotent); returns a function that undoes it."""
+    """Wrap torch.distributed's tensor collectives (idempotent); returns a function that undoes
+    it."""
     originals = {name: getattr(dist, name) for name in PAIRS}
     for name in PAIRS:
         orig = getattr(dist, name)

@@ -23,7 +23,8 @@ def test_smoke_run_json_and_exact_ratios(tmp_path):
     res = json.loads(out.read_text())
     for mode in ("fft", "hft"):
         for k in FIELDS:
-            assert isinstance(res[mode][k], (int, float)) and res[mode][k] > 0, (mode, k, res[mode].get(k))
+            assert isinstance(res[mode][k], (int, float)) and res[mode][k] > 0, \
+                (mode, k, res[mode].get(k))
         assert len(res[mode]["step_times_s"]) == 2
         # Frozen tensors got no gradient, trainable ones all did.
         assert res[mode]["frozen_params_with_grad"] == 0

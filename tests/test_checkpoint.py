@@ -10,8 +10,8 @@ import shutil
 import pytest
 import torch
 
-from checkpoint import (CheckpointError, CheckpointReader, ffn_args_for, load_model, save_checkpoint,
-                        save_model)
+from checkpoint import (CheckpointError, CheckpointReader, ffn_args_for, load_model,
+                        save_checkpoint, save_model)
 from conftest import make_spm
 from model import ModelArgs, Transformer, llama2_args
 from test_model import GQA_ARGS, assert_same_weights, meta_reference_forward, random_model, tokens
@@ -49,7 +49,8 @@ def test_meta_hf_round_trips_give_identical_logits(tmp_path, tiny_args, spm_path
     with torch.no_grad():
         want = model(toks)
     save_model(model, tmp_path / "meta", tokenizer=spm_path)
-    assert sorted(os.listdir(tmp_path / "meta")) == ["consolidated.00.pth", "params.json", "tokenizer.model"]
+    assert sorted(os.listdir(tmp_path / "meta")) == ["consolidated.00.pth", "params.json",
+                                                     "tokenizer.model"]
     from_meta = load_model(tmp_path / "meta", max_seq_len=tiny_args.max_seq_len)
     save_model(from_meta, tmp_path / "hf", format="hf", tokenizer=spm_path)
     assert {"config.json", "model.safetensors", "tokenizer.model",
@@ -76,15 +77,18 @@ def test_hf_permutation_turns_meta_rotary_into_rotate_half():
     n_heads, n_kv, hd, dim, T = 4, 2, 16, 64, 9
     torch.manual_seed(0)
     wq, wk, x = torch.randn(n_heads * hd, dim), torch.randn(n_kv * hd, dim), torch.randn(T, dim)
-    angles = torch.outer(torch.arange(T).float(), 1.0 / (10000 ** (torch.arange(0, hd, 2).float() / hd)))
+    angles = torch.outer(torch.arange(T).float(),
+                         1.0 / (10000 ** (torch.arange(0, hd, 2).float() / hd)))
 
     def meta_rotary(t):  # consecutive pairs as complex numbers
         tc = torch.view_as_complex(t.reshape(T, -1, hd // 2, 2))
-        return torch.view_as_real(tc * torch.polar(torch.ones_like(angles), angles)[:, None]).flatten(2)
+        return torch.view_as_real(
+            tc * torch.polar(torch.ones_like(angles), angles)[:, None]).flatten(2)
 
     def hf_rotary(t):  # transformers' rotate_half
         t = t.view(T, -1, hd)
-        cos, sin = torch.cat([angles, angles], -1).cos()[:, None], torch.cat([angles, angles], -1).sin()[:, None]
+        cos, sin = (torch.cat([angles, angles], -1).cos()[:, None],
+                    torch.cat([angles, angles], -1).sin()[:, None])
         return t * cos + torch.cat([-t[..., hd // 2:], t[..., :hd // 2]], -1) * sin
 
     def scores(q, k):
@@ -116,7 +120,8 @@ def test_meta_shards_equal_single_file(tmp_path, tiny_args, spm_path, n, extra):
     reader.validate()
     assert reader.format == "meta" and reader.args.vocab_size == 320  # -1 resolved
     assert reader.keys() == [name for name, _ in model.named_parameters()]
-    assert torch.equal(reader.get("layers.1.feed_forward.w2.weight"), model.layers[1].feed_forward.w2.weight)
+    assert torch.equal(reader.get("layers.1.feed_forward.w2.weight"),
+                       model.layers[1].feed_forward.w2.weight)
     loaded = load_model(tmp_path / "many", max_seq_len=args.max_seq_len)
     assert_same_weights(loaded, load_model(tmp_path / "one", max_seq_len=args.max_seq_len))
     assert_same_weights(loaded, model)
@@ -137,7 +142,8 @@ def test_gqa_ffn_multiplier_rope_theta_config(tmp_path, spm_path):
         with torch.no_grad():
             assert (loaded(toks) - want).abs().max() < 1e-5
     params = json.load(open(tmp_path / "meta" / "params.json"))
-    assert params["n_kv_heads"] == 2 and params["ffn_dim_multiplier"] == 1.3 and "max_seq_len" not in params
+    assert (params["n_kv_heads"] == 2 and params["ffn_dim_multiplier"] == 1.3
+            and "max_seq_len" not in params)
     config = json.load(open(tmp_path / "hf" / "config.json"))
     assert config["intermediate_size"] == 224 and config["num_key_value_heads"] == 2
     assert config["rope_theta"] == 500000.0 and config["architectures"] == ["LlamaForCausalLM"]
@@ -173,7 +179,8 @@ def test_max_seq_len_default_and_override(tmp_path, tiny_args):
     save_model(model, tmp_path / "hf", format="hf")
     assert load_model(tmp_path / "meta").args.max_seq_len == 4096  # LLaMA-2's, not in params.json
     assert load_model(tmp_path / "meta", max_seq_len=128).rope.shape[0] == 256
-    assert load_model(tmp_path / "hf").args.max_seq_len == tiny_args.max_seq_len  # max_position_embeddings
+    # max_position_embeddings
+    assert load_model(tmp_path / "hf").args.max_seq_len == tiny_args.max_seq_len
     assert CheckpointReader(tmp_path / "hf", max_seq_len=100).args.max_seq_len == 100
 
 
@@ -188,7 +195,8 @@ def test_reader_gets_one_unpermuted_tensor_in_the_requested_dtype(tmp_path, tiny
 
 
 def test_ffn_rule_is_recovered_from_intermediate_size():
-    for size, (multiple_of, mult) in {"7B": (256, None), "13B": (256, None), "70B": (4096, 1.3)}.items():
+    for size, (multiple_of, mult) in {"7B": (256, None), "13B": (256, None),
+                                      "70B": (4096, 1.3)}.items():
         meta = llama2_args(size)
         got = ffn_args_for(llama2_args(size, multiple_of=1), meta.ffn_hidden_dim)
         assert (got.multiple_of, got.ffn_dim_multiplier) == (multiple_of, mult), size
@@ -209,10 +217,12 @@ def test_hf_config_variants(tmp_path, tiny_args):
     cfg = json.load(open(cfg_file))
     # transformers 5 writes rope_parameters instead of rope_theta
     v5 = {k: v for k, v in cfg.items() if k not in ("rope_theta", "rope_scaling")}
-    json.dump(dict(v5, rope_parameters={"rope_theta": 1234.0, "rope_type": "default"}), open(cfg_file, "w"))
+    json.dump(dict(v5, rope_parameters={"rope_theta": 1234.0, "rope_type": "default"}),
+              open(cfg_file, "w"))
     assert CheckpointReader(tmp_path / "hf").args.rope_theta == 1234.0
     for bad, match in ((dict(rope_scaling={"type": "linear", "factor": 2.0}), "rope scaling"),
-                       (dict(model_type="mistral"), "mistral"), (dict(attention_bias=True), "attention_bias")):
+                       (dict(model_type="mistral"), "mistral"),
+                       (dict(attention_bias=True), "attention_bias")):
         json.dump({**cfg, **bad}, open(cfg_file, "w"))
         with pytest.raises(CheckpointError, match=match):
             CheckpointReader(tmp_path / "hf")
@@ -244,7 +254,8 @@ def test_error_missing_consolidated_files(tmp_path, meta_dir):
     with pytest.raises(CheckpointError, match=r"no consolidated\.\*\.pth"):
         load_model(meta_dir)
     shard_dir = tmp_path / "shards"
-    save_model(random_model(ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=320)), tmp_path / "one")
+    save_model(random_model(ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=320)),
+               tmp_path / "one")
     shard_meta(tmp_path / "one", shard_dir, 4)
     os.remove(shard_dir / "consolidated.02.pth")
     with pytest.raises(CheckpointError, match=r"consolidated\.02\.pth"):
@@ -261,18 +272,21 @@ def test_error_unknown_format_and_no_directory(tmp_path):
 
 def test_error_missing_key(meta_dir):
     _edit_state(meta_dir, lambda sd: sd.pop("layers.1.feed_forward.w3.weight"))
-    with pytest.raises(CheckpointError, match=r"missing keys \(1\): layers\.1\.feed_forward\.w3\.weight"):
+    with pytest.raises(CheckpointError,
+                       match=r"missing keys \(1\): layers\.1\.feed_forward\.w3\.weight"):
         load_model(meta_dir)
 
 
 def test_error_unexpected_key(meta_dir):
     _edit_state(meta_dir, lambda sd: sd.update({"layers.0.attention.wq.bias": torch.zeros(64)}))
-    with pytest.raises(CheckpointError, match=r"unexpected keys \(1\): layers\.0\.attention\.wq\.bias"):
+    with pytest.raises(CheckpointError,
+                       match=r"unexpected keys \(1\): layers\.0\.attention\.wq\.bias"):
         load_model(meta_dir)
 
 
 def test_error_shape_mismatch_names_tensor_shapes_and_file(meta_dir):
-    _edit_state(meta_dir, lambda sd: sd.update({"layers.0.attention.wq.weight": torch.zeros(64, 32)}))
+    _edit_state(meta_dir,
+                lambda sd: sd.update({"layers.0.attention.wq.weight": torch.zeros(64, 32)}))
     with pytest.raises(CheckpointError) as e:
         load_model(meta_dir)
     msg = str(e.value)
@@ -294,13 +308,15 @@ def test_hf_errors_name_hf_keys_and_files(tmp_path, tiny_args):
     msg = str(e.value)
     assert "missing keys (1): norm.weight" in msg
     assert "unexpected keys (1): model.layers.0.self_attn.q_proj.bias" in msg
-    assert "layers.1.feed_forward.w3.weight: shape [192, 60] in model.safetensors" in msg and "[192, 64]" in msg
+    assert ("layers.1.feed_forward.w3.weight: shape [192, 60] in model.safetensors" in msg
+            and "[192, 64]" in msg)
 
 
 def test_error_tokenizer_does_not_match_embedding(tmp_path, meta_dir):
     big = make_spm(str(tmp_path / "big"), vocab_size=400)
     shutil.copy(big, meta_dir / "tokenizer.model")
-    with pytest.raises(CheckpointError, match="tokenizer has 400 pieces but the embedding has 320 rows"):
+    with pytest.raises(CheckpointError,
+                       match="tokenizer has 400 pieces but the embedding has 320 rows"):
         load_model(meta_dir)
     with pytest.raises(CheckpointError, match="400 pieces, but vocab_size is 320"):
         save_model(Transformer(ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=320)),
@@ -422,7 +438,8 @@ def bpe_spm(tmp_path_factory):
     SentencePiece ranks merges by score, not id, and tokenizer.json must follow ("ore" then
     splits as "or" "e", not "o" "re")."""
     d = tmp_path_factory.mktemp("bpe_spm")
-    return demote_piece(make_spm(str(d / "orig"), vocab_size=512), "re", -1e9, d / "tokenizer.model")
+    return demote_piece(make_spm(str(d / "orig"), vocab_size=512), "re", -1e9,
+                        d / "tokenizer.model")
 
 
 def export_tokenizer(tmp_path, tokenizer, name="hf"):
@@ -437,7 +454,8 @@ def bpe_encode(tj: dict, text: str) -> list[int]:
     then leftmost), characters outside the vocabulary as their UTF-8 byte pieces."""
     vocab, model = tj["model"]["vocab"], tj["model"]
     assert model["type"] == "BPE" and model["byte_fallback"] and tj["pre_tokenizer"] is None
-    rank = {tuple(m.split(" ") if isinstance(m, str) else m): r for r, m in enumerate(model["merges"])}
+    rank = {tuple(m.split(" ") if isinstance(m, str) else m): r
+            for r, m in enumerate(model["merges"])}
     special = {t["content"]: t["id"] for t in tj["added_tokens"] if t["special"]}
     ids = [tj["post_processor"]["special_tokens"][x["SpecialToken"]["id"]]["ids"][0]
            for x in tj["post_processor"]["single"] if "SpecialToken" in x]
@@ -468,7 +486,8 @@ def test_hf_export_tokenizer_json_encodes_as_tokenizer_model(tmp_path, bpe_spm):
     the eos id, as HF's LlamaTokenizer reads it) on every text."""
     import data
     out = export_tokenizer(tmp_path, bpe_spm)
-    assert {"tokenizer.json", "special_tokens_map.json", "tokenizer_config.json"} <= set(os.listdir(out))
+    assert {"tokenizer.json", "special_tokens_map.json", "tokenizer_config.json"} <= \
+        set(os.listdir(out))
     tj = json.loads((out / "tokenizer.json").read_text(encoding="utf-8"))
     tok = data.Tokenizer(bpe_spm)
     assert tj["model"]["vocab"] == {tok.sp_model.id_to_piece(i): i for i in range(tok.n_words)}
@@ -485,7 +504,8 @@ def test_hf_export_tokenizer_json_encodes_as_tokenizer_model(tmp_path, bpe_spm):
 def test_tokenizers_library_reads_our_tokenizer_json(tmp_path, bpe_spm):
     tokenizers = pytest.importorskip("tokenizers")
     import data
-    fast = tokenizers.Tokenizer.from_file(str(export_tokenizer(tmp_path, bpe_spm) / "tokenizer.json"))
+    fast = tokenizers.Tokenizer.from_file(str(export_tokenizer(tmp_path, bpe_spm)
+                                              / "tokenizer.json"))
     tok = data.Tokenizer(bpe_spm)
     for text in TOKENIZER_TEXTS:
         ids = tok.encode(text, bos=True, eos=False)
@@ -520,12 +540,15 @@ def test_tokenizer_json_skipped_with_a_warning_for_another_layout(tmp_path):
     export goes without it, saying so, rather than shipping a file that tokenizes differently."""
     import sentencepiece as spm
     lines = [f"{w} and {w}s" for w in ("apple", "banana", "river", "city", "paris", "london")] * 50
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(tmp_path / "uni"),
-                                   vocab_size=24, model_type="unigram", minloglevel=2, num_threads=1)
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines),
+                                   model_prefix=str(tmp_path / "uni"), vocab_size=24,
+                                   model_type="unigram", minloglevel=2, num_threads=1)
     args = ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=24, multiple_of=32, max_seq_len=64)
-    with pytest.warns(UserWarning, match=r"uni\.model: not in LLaMA's SentencePiece layout \(lacks: "
-                                         r"a BPE model, byte fallback.*no tokenizer\.json"):
-        save_model(random_model(args), tmp_path / "hf", format="hf", tokenizer=tmp_path / "uni.model")
+    with pytest.warns(UserWarning,
+                      match=r"uni\.model: not in LLaMA's SentencePiece layout \(lacks: "
+                            r"a BPE model, byte fallback.*no tokenizer\.json"):
+        save_model(random_model(args), tmp_path / "hf", format="hf",
+                   tokenizer=tmp_path / "uni.model")
     assert {"tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"} <= \
         set(os.listdir(tmp_path / "hf")) and not (tmp_path / "hf" / "tokenizer.json").exists()
 
@@ -548,7 +571,8 @@ def test_transformers_reads_our_export_and_we_read_theirs(tmp_path, spm_path):
 
     cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=176, num_hidden_layers=2,
                                    num_attention_heads=8, num_key_value_heads=4, vocab_size=320,
-                                   rope_theta=20000.0, max_position_embeddings=128, rms_norm_eps=1e-5)
+                                   rope_theta=20000.0, max_position_embeddings=128,
+                                   rms_norm_eps=1e-5)
     torch.manual_seed(0)
     theirs = transformers.LlamaForCausalLM(cfg).eval()
     with torch.no_grad():

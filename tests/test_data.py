@@ -72,7 +72,8 @@ def test_tokenizer_meta_api(tok, llama_spm, tmp_path):
     s = "<|user|>\nthe city\n\n  of paris"
     ids = tok.encode(s, bos=True, eos=True)
     assert ids[0] == 1 and ids[-1] == 2 and tok.decode(ids) == s
-    # The eos piece written as text is the eos id (HF's LlamaTokenizer behaviour), unless special=False.
+    # The eos piece written as text is the eos id (HF's LlamaTokenizer behaviour), unless
+    # special=False.
     assert tok.encode("a city</s>", bos=False, eos=False)[-1] == tok.eos_id
     literal = tok.encode("a city</s>", bos=False, eos=False, special=False)
     assert tok.eos_id not in literal and tok.decode(literal) == "a city</s>"
@@ -98,7 +99,8 @@ def test_chat_template_strings():
                                       "<|user|>\nand london?\n<|assistant|>\n")
 
 
-@pytest.mark.parametrize("messages", [[U1, A1], [SYS, U1, A1], CONV], ids=["single", "system", "multi"])
+@pytest.mark.parametrize("messages", [[U1, A1], [SYS, U1, A1], CONV],
+                         ids=["single", "system", "multi"])
 def test_conversation_label_masks(tok, tmp_path, messages):
     path = write_jsonl(tmp_path / "tulu.jsonl", [{"dataset": "x", "id": "0", "messages": messages}])
     (ex,) = data.load_examples(path, "sft", tok, 512, log=lambda *a: None)
@@ -125,13 +127,17 @@ def test_eval_prompt_is_prefix_of_training_tokens(which, llama_spm, spm_path, tm
     rng = random.Random(3)
     convs = []
     for _ in range(50):
-        words = lambda: " ".join(rng.choice(WORDS + ["42", "?", "7.5"]) for _ in range(rng.randint(1, 9)))
+        words = lambda: " ".join(rng.choice(WORDS + ["42", "?", "7.5"])
+                                 for _ in range(rng.randint(1, 9)))
         msgs = [{"role": "system", "content": words()}] if rng.random() < 0.5 else []
         for _ in range(rng.randint(1, 3)):
-            msgs += [{"role": "user", "content": words()}, {"role": "assistant", "content": words()}]
+            msgs += [{"role": "user", "content": words()},
+                     {"role": "assistant", "content": words()}]
         convs.append(msgs)
-    # A literal "</s>" inside a message is the eos id too (as in HF's tokenizer); spans still line up.
-    convs.append([{"role": "user", "content": "a </s> b"}, {"role": "assistant", "content": "c </s> d"},
+    # A literal "</s>" inside a message is the eos id too (as in HF's tokenizer); spans still
+    # line up.
+    convs.append([{"role": "user", "content": "a </s> b"},
+                  {"role": "assistant", "content": "c </s> d"},
                   {"role": "user", "content": "e"}, {"role": "assistant", "content": "f"}])
     path = write_jsonl(tmp_path / "c.jsonl", [{"messages": m} for m in convs])
     examples = data.load_examples(path, "sft", tk, 4096, log=lambda *a: None)
@@ -140,16 +146,19 @@ def test_eval_prompt_is_prefix_of_training_tokens(which, llama_spm, spm_path, tm
         turn_ends = [i + 1 for i, m in enumerate(msgs) if m["role"] == "assistant"]
         assert len(starts) == len(turn_ends)
         for k, start in zip(turn_ends, starts):
-            prompt = tk.encode(data.chat_prompt(msgs[:k - 1]), bos=True, eos=False)  # up to the last user
+            # up to the last user
+            prompt = tk.encode(data.chat_prompt(msgs[:k - 1]), bos=True, eos=False)
             assert ex["input_ids"][:len(prompt)] == prompt and len(prompt) == start
 
 
 def test_tokenizer_merging_across_prompt_end_is_an_error(tmp_path):
     class MergingSP:  # merges a newline with the character after it, which no LLaMA piece does
         def encode(self, s):
-            return [3 + ord(c[-1]) + 1000 * (len(c) - 1) for c in re.findall(r"\n.|.", s, flags=re.S)]
+            return [3 + ord(c[-1]) + 1000 * (len(c) - 1)
+                    for c in re.findall(r"\n.|.", s, flags=re.S)]
     tk = object.__new__(data.Tokenizer)
-    tk.sp_model, tk.n_words, tk.bos_id, tk.eos_id, tk.pad_id, tk.eos_piece = MergingSP(), 5000, 1, 2, -1, "</s>"
+    tk.sp_model, tk.n_words, tk.bos_id, tk.eos_id, tk.pad_id, tk.eos_piece = (MergingSP(), 5000,
+                                                                              1, 2, -1, "</s>")
     path = write_jsonl(tmp_path / "m.jsonl", [{"messages": [U1, A1]}])
     with pytest.raises(DataError, match=r"m\.jsonl: line 1: .*not a prefix"):
         data.load_examples(path, "sft", tk, 512, log=lambda *a: None)
@@ -170,7 +179,8 @@ def test_trace_rendering_and_mask(tok, tmp_path):
 
 
 def test_lm_windows_lose_nothing(tok, tmp_path):
-    text = " ".join(random.Random(1).choice(WORDS) for _ in range(60)) + "\nlast line</s> kept literally"
+    text = (" ".join(random.Random(1).choice(WORDS) for _ in range(60))
+            + "\nlast line</s> kept literally")
     doc = tok.encode(text, bos=False, eos=True, special=False)
     L = 16
     (tmp_path / "book.txt").write_text(text, encoding="utf-8")
@@ -187,29 +197,36 @@ def test_lm_windows_lose_nothing(tok, tmp_path):
 
 def test_truncation_drops_and_logs(tok, tmp_path):
     long = " ".join(["the city"] * 200)
-    recs = [{"messages": [U1, A1]},                                   # fits
-            {"messages": [{"role": "user", "content": long}, A1]},   # prompt alone exceeds L: dropped
+    recs = [{"messages": [U1, A1]},  # fits
+            # prompt alone exceeds L: dropped
+            {"messages": [{"role": "user", "content": long}, A1]},
             {"messages": [U1, {"role": "assistant", "content": long}]},  # response cut, kept
-            {"messages": [{"role": "user", "content": long}, A1, U2, A2]}]  # both responses past L: dropped
+            # both responses past L: dropped
+            {"messages": [{"role": "user", "content": long}, A1, U2, A2]}]
     L = 64
     path = write_jsonl(tmp_path / "train.jsonl", recs)
     logged = []
     examples = data.load_examples(path, "sft", tok, L, log=logged.append)
-    assert logged == [f"data: {path}: 2 examples, 2 dropped (no target tokens left after truncation to {L})"]
+    assert logged == [f"data: {path}: 2 examples, 2 dropped (no target tokens left after "
+                      f"truncation to {L})"]
     cut = examples[1]
     full_ids, full_labels = data._encode_chat(tok, recs[2]["messages"])
-    assert len(full_ids) > L and cut["input_ids"] == full_ids[:L] and cut["labels"] == full_labels[:L]
+    assert (len(full_ids) > L and cut["input_ids"] == full_ids[:L]
+            and cut["labels"] == full_labels[:L])
     assert cut["labels"][-1] != IGNORE_INDEX and tok.eos_id not in cut["input_ids"]
     # TRACE and dpo truncate the same way.
-    trace = write_jsonl(tmp_path / "t.jsonl", [{"prompt": long, "answer": "five"}, {"prompt": "a", "answer": "b"}])
+    trace = write_jsonl(tmp_path / "t.jsonl", [{"prompt": long, "answer": "five"},
+                                               {"prompt": "a", "answer": "b"}])
     logged.clear()
-    assert len(data.load_examples(trace, "sft", tok, L, log=logged.append)) == 1 and "1 dropped" in logged[0]
+    assert (len(data.load_examples(trace, "sft", tok, L, log=logged.append)) == 1
+            and "1 dropped" in logged[0])
 
 
 def test_preference_pairs(tok, tmp_path):
     prompt_msgs = [U1]
     recs = [{"prompt": U1["content"], "chosen": prompt_msgs + [A1],
-             "rejected": prompt_msgs + [{"role": "assistant", "content": "london"}], "score_chosen": 8.0},
+             "rejected": prompt_msgs + [{"role": "assistant", "content": "london"}],
+             "score_chosen": 8.0},
             {"prompt": "two plus two", "chosen": "four", "rejected": "five"},
             {"prompt": "x", "chosen": [{"role": "user", "content": " ".join(["city"] * 200)}, A1],
              "rejected": [{"role": "user", "content": "y"}, A2]}]  # chosen truncated away: dropped
@@ -224,7 +241,8 @@ def test_preference_pairs(tok, tmp_path):
         assert side["input_ids"][:s] == prompt and side["input_ids"][e - 1] == tok.eos_id
         assert tok.decode(side["input_ids"][s:e - 1]) == answer
     # Strings: the prompt becomes one user turn.
-    string_prompt = tok.encode(data.chat_prompt([{"role": "user", "content": "two plus two"}]), bos=True, eos=False)
+    string_prompt = tok.encode(data.chat_prompt([{"role": "user", "content": "two plus two"}]),
+                               bos=True, eos=False)
     assert c2["input_ids"][:len(string_prompt)] == string_prompt
     assert tok.decode(c2["input_ids"][len(string_prompt):-1]) == "four"
     # Multi-turn sides: only the last assistant message is a target.
@@ -241,7 +259,8 @@ def test_preference_pairs(tok, tmp_path):
 
 
 def test_collate_right_pads():
-    ex = [{"input_ids": [1, 5, 6], "labels": [-100, 5, 6]}, {"input_ids": [1, 7], "labels": [-100, 7]}]
+    ex = [{"input_ids": [1, 5, 6], "labels": [-100, 5, 6]},
+          {"input_ids": [1, 7], "labels": [-100, 7]}]
     b = data.collate(ex, pad_id=-1)  # LLaMA has no pad id: any real id is fine, it carries no loss
     assert b["input_ids"].tolist() == [[1, 5, 6], [1, 7, 0]]
     assert b["labels"].tolist() == [[-100, 5, 6], [-100, 7, -100]]
@@ -255,7 +274,8 @@ def test_sampler_deterministic_and_private_rng():
     assert (a.steps_per_epoch, a.total_steps) == (12, 36)
     steps = [a.micro_batches(s) for s in range(a.total_steps)]
     assert steps == [b.micro_batches(s) for s in range(b.total_steps)]
-    assert all(len(mb) == 2 for step in steps for mb in step) and all(len(step) == 4 for step in steps)
+    assert (all(len(mb) == 2 for step in steps for mb in step)
+            and all(len(step) == 4 for step in steps))
     flat = lambda step: [i for mb in step for i in mb]
     epochs = [[i for s in steps[e * 12:(e + 1) * 12] for i in flat(s)] for e in range(3)]
     for ep in epochs:
@@ -301,18 +321,24 @@ def test_loss_normalised_by_global_target_count(tiny_args):
     examples = []
     for n, n_targets in ((20, 1), (9, 8), (30, 25), (5, 2)):  # very different target counts
         ids = torch.randint(3, tiny_args.vocab_size, (n,), generator=gen).tolist()
-        examples.append({"input_ids": ids, "labels": [IGNORE_INDEX] * (n - n_targets) + ids[n - n_targets:]})
+        examples.append({"input_ids": ids,
+                         "labels": [IGNORE_INDEX] * (n - n_targets) + ids[n - n_targets:]})
     # Reference: mean cross-entropy over every target token of the global batch.
     with torch.no_grad():
-        per_ex = [data.token_loss_sum(model(torch.tensor([e["input_ids"]])), torch.tensor([e["labels"]]))
+        per_ex = [data.token_loss_sum(model(torch.tensor([e["input_ids"]])),
+                                      torch.tensor([e["labels"]]))
                   for e in examples]
         ref = (sum(l for l, _ in per_ex) / sum(c for _, c in per_ex)).item()
-        for world, mbs in ((1, 1), (1, 4), (2, 1), (2, 2)):  # 1x4, 1x1, 2x2, 2x1 (ranks x micro-batches)
+        # 1x4, 1x1, 2x2, 2x1 (ranks x micro-batches)
+        for world, mbs in ((1, 1), (1, 4), (2, 1), (2, 2)):
             samplers = [data.StepSampler(4, 4, mbs, world, r, 0, 0, 1) for r in range(world)]
-            batches = [data.collate([examples[i] for i in mb]) for s in samplers for mb in s.micro_batches(0)]
-            denom = sum(data.count_targets(b["labels"]) for b in batches)  # what the trainer all-reduces
+            batches = [data.collate([examples[i] for i in mb])
+                       for s in samplers for mb in s.micro_batches(0)]
+            # what the trainer all-reduces
+            denom = sum(data.count_targets(b["labels"]) for b in batches)
             sums = [data.token_loss_sum(model(b["input_ids"]), b["labels"]) for b in batches]
-            assert sum(l for l, _ in sums).item() / denom == pytest.approx(ref, rel=1e-5), (world, mbs)
+            assert sum(l for l, _ in sums).item() / denom == pytest.approx(ref, rel=1e-5), \
+                (world, mbs)
             if len(batches) > 1:  # a mean of per-micro-batch means would depend on the split
                 naive = sum(l / c for l, c in sums).item() / len(batches)
                 assert abs(naive - ref) > 1e-3
@@ -337,7 +363,8 @@ def test_dpo_loss_values():
     assert torch.allclose(losses, torch.full((3,), math.log(2)))
     losses, m = data.dpo_loss(torch.tensor([-10.0]), torch.tensor([-20.0]), torch.tensor([-12.0]),
                               torch.tensor([-18.0]), beta=0.5)
-    assert m["chosen_reward"].item() == pytest.approx(1.0) and m["rejected_reward"].item() == pytest.approx(-1.0)
+    assert (m["chosen_reward"].item() == pytest.approx(1.0)
+            and m["rejected_reward"].item() == pytest.approx(-1.0))
     assert m["reward_margin"].item() == pytest.approx(2.0) and m["reward_acc"].item() == 1.0
     assert losses.item() == pytest.approx(-math.log(1 / (1 + math.exp(-2.0))))
 
@@ -346,7 +373,8 @@ def test_dpo_step_raises_chosen_over_rejected(tok, tiny_args, tmp_path):
     from model import Transformer
     recs = [{"prompt": "the color of the apple", "chosen": "red", "rejected": "blue"},
             {"prompt": "two plus three", "chosen": "five", "rejected": "six"}]
-    examples = data.load_examples(write_jsonl(tmp_path / "p.jsonl", recs), "dpo", tok, 64, log=lambda *a: None)
+    examples = data.load_examples(write_jsonl(tmp_path / "p.jsonl", recs), "dpo", tok, 64,
+                                  log=lambda *a: None)
     args = dataclasses.replace(tiny_args, vocab_size=tok.n_words)
     model = Transformer(args)
     model.init_weights(seed=0)
@@ -371,26 +399,36 @@ BAD_UTF8 = b'{"text": "ok"}\n{"text": "caf\xe9"}\n'
 
 
 @pytest.mark.parametrize("name,content,kind,pattern", [
-    ("bad.jsonl", '{"messages": []}\n\n{"messages": [}\n', "sft", r"bad\.jsonl: line 3: malformed JSON"),
+    ("bad.jsonl", '{"messages": []}\n\n{"messages": [}\n', "sft",
+     r"bad\.jsonl: line 3: malformed JSON"),
     ("bad.json", '[{"prompt": "a", "answer": "b"},\n {"prompt": "a" "answer": "b"}]', "sft",
      r"bad\.json: line 2: malformed JSON"),
-    ("miss.jsonl", '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n'
+    ("miss.jsonl", '{"messages": [{"role": "user", "content": "a"}, '
+                   '{"role": "assistant", "content": "b"}]}\n'
                    '{"id": 7}\n', "sft", r"miss\.jsonl: line 2: missing field 'messages'"),
     ("miss.json", '[{"prompt": "a", "answer": "b"}, {"prompt": "c"}]', "sft",
      r"miss\.json: record \[1\]: missing field 'answer'"),
-    ("miss_dpo.jsonl", '{"prompt": "a", "chosen": "b"}\n', "dpo", r"miss_dpo\.jsonl: line 1: missing field 'rejected'"),
-    ("miss_prompt.jsonl", '{"chosen": "b", "rejected": "c"}\n', "dpo", r"line 1: missing field 'prompt'"),
-    ("miss_text.jsonl", '{"text": "a"}\n{"txt": "b"}\n', "lm", r"miss_text\.jsonl: line 2: missing field 'text'"),
-    ("role.jsonl", '{"messages": [{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}]}\n', "sft",
+    ("miss_dpo.jsonl", '{"prompt": "a", "chosen": "b"}\n', "dpo",
+     r"miss_dpo\.jsonl: line 1: missing field 'rejected'"),
+    ("miss_prompt.jsonl", '{"chosen": "b", "rejected": "c"}\n', "dpo",
+     r"line 1: missing field 'prompt'"),
+    ("miss_text.jsonl", '{"text": "a"}\n{"txt": "b"}\n', "lm",
+     r"miss_text\.jsonl: line 2: missing field 'text'"),
+    ("role.jsonl", '{"messages": [{"role": "user", "content": "a"}, '
+                   '{"role": "bot", "content": "b"}]}\n', "sft",
      r"role\.jsonl: line 1: messages\[1\]\.role is 'bot'"),
-    ("role_dpo.jsonl", '{"chosen": [{"role": "human", "content": "a"}, {"role": "assistant", "content": "b"}],'
+    ("role_dpo.jsonl", '{"chosen": [{"role": "human", "content": "a"}, '
+                       '{"role": "assistant", "content": "b"}],'
                        ' "rejected": [{"role": "assistant", "content": "c"}]}\n', "dpo",
      r"line 1: messages\[0\]\.role is 'human'"),
-    ("last.jsonl", '{"chosen": [{"role": "user", "content": "a"}], "rejected": "c", "prompt": "p"}\n', "dpo",
+    ("last.jsonl", '{"chosen": [{"role": "user", "content": "a"}], "rejected": "c", '
+                   '"prompt": "p"}\n', "dpo",
      r"line 1: field 'chosen': the last message must be the assistant response"),
-    ("noasst.jsonl", '{"messages": [{"role": "system", "content": "a"}, {"role": "user", "content": "b"}]}\n',
+    ("noasst.jsonl", '{"messages": [{"role": "system", "content": "a"}, '
+                     '{"role": "user", "content": "b"}]}\n',
      "sft", r"noasst\.jsonl: line 1: conversation has no assistant turn"),
-    ("type.jsonl", '{"prompt": "a", "answer": 3}\n', "sft", r"line 1: field 'answer' must be a string"),
+    ("type.jsonl", '{"prompt": "a", "answer": 3}\n', "sft",
+     r"line 1: field 'answer' must be a string"),
     ("empty.jsonl", "\n  \n", "sft", r"empty\.jsonl: empty file"),
     ("empty.txt", "", "lm", r"empty\.txt: empty file"),
     ("empty.json", "[]", "sft", r"empty\.json: empty file"),
@@ -418,7 +456,8 @@ def test_missing_file(tok, tmp_path):
         data.load_examples(str(tmp_path / "absent.jsonl"), "sft", tok, 32)
 
 
-@pytest.mark.parametrize("ch", ["\u2028", "\u2029", "\u0085", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e"])
+@pytest.mark.parametrize("ch", ["\u2028", "\u2029", "\u0085", "\x0b", "\x0c", "\x1c", "\x1d",
+                                "\x1e"])
 def test_jsonl_lines_end_at_newline_only(tmp_path, ch):
     """str.splitlines() breaks at each of these; a JSON Lines record ends at "\\n" alone."""
     recs = [{"text": f"a{ch}b{ch}"}, {"text": ch}, {"text": "c"}]
@@ -428,7 +467,8 @@ def test_jsonl_lines_end_at_newline_only(tmp_path, ch):
         p.write_bytes(text.encode("utf-8"))
         assert data.read_records(str(p)) == [(1, recs[0]), (2, recs[1]), (3, recs[2])]
     # The character raw inside a string on line 1, a malformed record on line 4.
-    p.write_bytes(('{"text": "a' + ch + 'b"}\r\n\r\n{"text": "c"}\r\n{"text": }\r\n').encode("utf-8"))
+    p.write_bytes(('{"text": "a' + ch + 'b"}\r\n\r\n{"text": "c"}\r\n{"text": }\r\n')
+                  .encode("utf-8"))
     if ch in "\u2028\u2029\u0085":  # valid raw in JSON, and json.dumps / jq / Node write them raw
         assert ch in body
         with pytest.raises(DataError, match=r"x\.jsonl: line 4: malformed JSON"):
@@ -451,7 +491,8 @@ class CountingTok:
 
     def __init__(self, tok):
         self.tok, self.calls = tok, 0
-        self.model_path, self.bos_id, self.eos_id, self.eos_piece = tok.model_path, tok.bos_id, tok.eos_id, tok.eos_piece
+        self.model_path, self.bos_id, self.eos_id, self.eos_piece = (tok.model_path, tok.bos_id,
+                                                                     tok.eos_id, tok.eos_piece)
 
     def encode(self, *a, **k):
         self.calls += 1
@@ -472,15 +513,19 @@ def cache_files(tmp_path, n=9, seed=0):
             msgs += [{"role": "user", "content": _words(rng, 1, 60 if i == 4 else 12)},
                      {"role": "assistant", "content": _words(rng)}]
         chats.append({"id": str(i), "messages": msgs})
-    pairs = [{"prompt": _words(rng, 1, 80 if i == 2 else 9), "chosen": _words(rng), "rejected": _words(rng)}
+    pairs = [{"prompt": _words(rng, 1, 80 if i == 2 else 9), "chosen": _words(rng),
+              "rejected": _words(rng)}
              for i in range(n)]
     pairs[1] = {"prompt": "x", "chosen": [U1, A1], "rejected": [SYS, U1, A2]}
     trace = tmp_path / "trace.json"
-    trace.write_text(json.dumps([{"prompt": _words(rng, 1, 40), "answer": _words(rng)} for _ in range(n)]))
-    return {"chat": (write_jsonl(tmp_path / "tulu.jsonl", chats), "sft"), "trace": (str(trace), "sft"),
+    trace.write_text(json.dumps([{"prompt": _words(rng, 1, 40), "answer": _words(rng)}
+                                 for _ in range(n)]))
+    return {"chat": (write_jsonl(tmp_path / "tulu.jsonl", chats), "sft"),
+            "trace": (str(trace), "sft"),
             "pairs": (write_jsonl(tmp_path / "uf.jsonl", pairs), "dpo"),
-            "text": (write_jsonl(tmp_path / "docs.jsonl", [{"text": _words(rng, 1, 90)} for _ in range(n)]
-                                 + [{"text": ""}]), "lm")}
+            "text": (write_jsonl(tmp_path / "docs.jsonl",
+                                 [{"text": _words(rng, 1, 90)} for _ in range(n)] + [{"text": ""}]),
+                     "lm")}
 
 
 def as_lists(ex):
@@ -507,15 +552,18 @@ def test_cached_examples_equal_load_examples(tok, tmp_path, fmt):
     assert got_log == [f"{want_log[0]}; tokenized data written to {tmp_path / 'cache' / d}"]
     assert "dropped (" in want_log[0] or fmt == "trace"
     seqs = [s for e in got for s in ((e["chosen"], e["rejected"]) if kind == "dpo" else (e,))]
-    assert all(s[k].dtype == np.int32 and mapped(s[k]) for s in seqs for k in ("input_ids", "labels"))
+    assert all(s[k].dtype == np.int32 and mapped(s[k])
+               for s in seqs for k in ("input_ids", "labels"))
     assert got.n_tokens == sum(len(s["input_ids"]) for s in seqs)
     raw = open(path, "rb").read()
-    assert got.fingerprint == {"path": path, "size": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+    assert got.fingerprint == {"path": path, "size": len(raw),
+                               "sha256": hashlib.sha256(raw).hexdigest()}
     assert tok.model_path and got.meta["tokenizer"] == tok.model_path
     assert as_lists(got[-1]) == want[-1]
     with pytest.raises(IndexError):
         got[len(got)]
-    for a, b in zip(data.collate(want[:3]).values(), data.collate([got[i] for i in range(3)]).values()):
+    for a, b in zip(data.collate(want[:3]).values(),
+                    data.collate([got[i] for i in range(3)]).values()):
         assert torch.equal(a, b) and b.dtype == torch.long
 
 
@@ -527,7 +575,8 @@ def test_cache_reused_without_tokenizing(tok, tmp_path):
     counting.calls = 0
     again = data.cached_examples(path, "sft", counting, 64, cache, log=logged.append)
     assert counting.calls == 0 and again.directory == first.directory
-    assert logged[1] == logged[0].replace("written to", "reused from") and first.directory in logged[1]
+    assert (logged[1] == logged[0].replace("written to", "reused from")
+            and first.directory in logged[1])
     assert [as_lists(e) for e in again] == [as_lists(e) for e in first]
 
 
@@ -547,7 +596,8 @@ def test_cache_key_file_tokenizer_and_length(tok, spm_path, tmp_path):
     other = data.Tokenizer(spm_path)  # another tokenizer.model
     by_other, _ = build(tk=other)
     assert by_other.directory not in (base.directory, shorter.directory)
-    assert [as_lists(e) for e in by_other] == data.load_examples(path, "sft", other, 64, log=lambda *a: None)
+    assert [as_lists(e) for e in by_other] == data.load_examples(path, "sft", other, 64,
+                                                                 log=lambda *a: None)
     with open(path, "a") as f:  # the same path, other content
         f.write(json.dumps({"messages": [U1, A1]}) + "\n")
     changed, calls = build()
@@ -569,11 +619,13 @@ def test_cache_stale_temp_and_crashed_writer(tok, tmp_path, monkeypatch):
     np.save(os.path.join(final + ".tmp", "chosen_input_ids.npy"), np.zeros(3, np.int32))
     with open(os.path.join(final + ".tmp", "meta.json"), "w") as f:
         f.write('{"examples": 1')
-    assert [as_lists(e) for e in data.cached_examples(path, "dpo", tok, 64, cache, log=logged.append)] == want
+    assert [as_lists(e) for e in data.cached_examples(path, "dpo", tok, 64, cache,
+                                                      log=logged.append)] == want
     assert os.listdir(cache) == [os.path.basename(final)] and "written to" in logged[-1]
     # A final directory someone damaged is rebuilt, with a line saying so.
     os.remove(os.path.join(final, "rejected_labels.npy"))
-    assert [as_lists(e) for e in data.cached_examples(path, "dpo", tok, 64, cache, log=logged.append)] == want
+    assert [as_lists(e) for e in data.cached_examples(path, "dpo", tok, 64, cache,
+                                                      log=logged.append)] == want
     assert "rejected_labels.npy" in logged[-2] and "tokenizing again" in logged[-2]
     # A writer that fails while merging publishes nothing and leaves no temporary directory.
     shutil.rmtree(final)
@@ -600,7 +652,8 @@ def _cache_worker(rank, world, init_file, out_dir, spm_path, jobs):
                 tok.calls = 0
                 try:
                     ex = data.cached_examples(path, kind, tok, L, cache, log=logged.append)
-                    runs.append({"calls": tok.calls, "examples": [as_lists(e) for e in ex], "dir": ex.directory})
+                    runs.append({"calls": tok.calls, "examples": [as_lists(e) for e in ex],
+                                 "dir": ex.directory})
                 except DataError as e:
                     runs.append({"error": str(e)})
             result.append({"runs": runs, "log": logged})
@@ -614,9 +667,12 @@ def _cache_worker(rank, world, init_file, out_dir, spm_path, jobs):
 
 def test_two_ranks_cache_byte_identical_and_errors_reach_all(spm_path, tmp_path):
     files = cache_files(tmp_path, n=11)  # odd: the ranks' slices differ in size
-    bad = [{"messages": [U1, A1]}] * 6 + [{"messages": [U1, {"role": "bot", "content": "b"}]}, {"id": 7}]
-    bad_path = write_jsonl(tmp_path / "bad.jsonl", bad)  # lines 7 and 8 are bad, both in rank 1's slice
-    both = write_jsonl(tmp_path / "bad_both.jsonl", bad[:1] + [{"messages": []}] + bad[2:])  # and line 2, rank 0's
+    bad = [{"messages": [U1, A1]}] * 6 + [{"messages": [U1, {"role": "bot", "content": "b"}]},
+                                          {"id": 7}]
+    # lines 7 and 8 are bad, both in rank 1's slice
+    bad_path = write_jsonl(tmp_path / "bad.jsonl", bad)
+    # and line 2, rank 0's
+    both = write_jsonl(tmp_path / "bad_both.jsonl", bad[:1] + [{"messages": []}] + bad[2:])
     one = tmp_path / "one"
     jobs = [(p, kind, 48, str(tmp_path / "two")) for p, kind in files.values()]
     jobs += [(bad_path, "sft", 48, str(tmp_path / "two")), (both, "sft", 48, str(tmp_path / "two"))]
@@ -626,7 +682,8 @@ def test_two_ranks_cache_byte_identical_and_errors_reach_all(spm_path, tmp_path)
         tk.calls = 0
         single[p] = (data.cached_examples(p, kind, tk, L, str(one), log=lambda *a: None), tk.calls)
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_cache_worker, args=(r, 2, str(tmp_path / "init"), str(tmp_path), spm_path, jobs))
+    procs = [ctx.Process(target=_cache_worker, args=(r, 2, str(tmp_path / "init"), str(tmp_path),
+                                                     spm_path, jobs))
              for r in range(2)]
     for p in procs:
         p.start()
@@ -641,11 +698,15 @@ def test_two_ranks_cache_byte_identical_and_errors_reach_all(spm_path, tmp_path)
     for (p, kind, L, _), j0, j1 in zip(jobs[:-2], r0, r1):
         ex, calls = single[p]
         (built0, reused0), (built1, reused1) = j0["runs"], j1["runs"]
-        assert built0["examples"] == built1["examples"] == reused0["examples"] == [as_lists(e) for e in ex]
-        # Each rank tokenized its own slice: together exactly what one process did; reuse tokenizes nothing.
-        assert built0["calls"] > 0 and built1["calls"] > 0 and built0["calls"] + built1["calls"] == calls
+        assert (built0["examples"] == built1["examples"] == reused0["examples"]
+                == [as_lists(e) for e in ex])
+        # Each rank tokenized its own slice: together exactly what one process did; reuse
+        # tokenizes nothing.
+        assert (built0["calls"] > 0 and built1["calls"] > 0
+                and built0["calls"] + built1["calls"] == calls)
         assert reused0["calls"] == reused1["calls"] == 0
-        assert os.path.basename(built0["dir"]) == os.path.basename(ex.directory) and built0["dir"] == built1["dir"]
+        assert (os.path.basename(built0["dir"]) == os.path.basename(ex.directory)
+                and built0["dir"] == built1["dir"])
         names = sorted(os.listdir(ex.directory))
         assert names == sorted(os.listdir(built0["dir"]))
         for name in names:  # the arrays and meta.json, byte for byte
@@ -653,24 +714,29 @@ def test_two_ranks_cache_byte_identical_and_errors_reach_all(spm_path, tmp_path)
                 open(os.path.join(built0["dir"], name), "rb").read(), name
         assert len(j0["log"]) == 2 and j1["log"] == []  # once, on rank 0
         assert "written to" in j0["log"][0] and "reused from" in j0["log"][1]
-    for j in (r0[-2], r1[-2]):  # every rank raises the first bad record's error, build and retry alike
+    # every rank raises the first bad record's error, build and retry alike
+    for j in (r0[-2], r1[-2]):
         for run in j["runs"]:
-            assert re.fullmatch(r".*bad\.jsonl: line 7: messages\[1\]\.role is 'bot',.*", run["error"])
+            assert re.fullmatch(r".*bad\.jsonl: line 7: messages\[1\]\.role is 'bot',.*",
+                                run["error"])
     for j in (r0[-1], r1[-1]):
         for run in j["runs"]:
-            assert re.fullmatch(r".*bad_both\.jsonl: line 2: conversation has no assistant turn.*", run["error"])
+            assert re.fullmatch(r".*bad_both\.jsonl: line 2: conversation has no assistant turn.*",
+                                run["error"])
     assert not [d for d in os.listdir(tmp_path / "two") if d.startswith("bad")]
 
 
 def test_replay_draw_counts_and_determinism():
     picks = data.replay_indices([40, 10, 30], 20, seed=1, stage=3)
     assert [len(p) for p in picks] == [7, 7, 6]  # equal shares, the first stages one more
-    assert all(len(set(p)) == len(p) and all(0 <= i < n for i in p) for p, n in zip(picks, [40, 10, 30]))
+    assert all(len(set(p)) == len(p) and all(0 <= i < n for i in p)
+               for p, n in zip(picks, [40, 10, 30]))
     assert picks == data.replay_indices([40, 10, 30], 20, seed=1, stage=3)
     assert picks != data.replay_indices([40, 10, 30], 20, seed=1, stage=4)
     assert picks != data.replay_indices([40, 10, 30], 20, seed=2, stage=3)
     assert data.replay_indices([], 5, 0, 0) == []
-    with pytest.raises(DataError, match="train.replay asks for 10 examples of earlier stage 1, which has only 4"):
+    with pytest.raises(DataError, match="train.replay asks for 10 examples of earlier stage 1, "
+                                        "which has only 4"):
         data.replay_indices([40, 4], 20, seed=1, stage=3)
 
 

@@ -45,7 +45,8 @@ def test_rouge_l_hand_cases():
     # rouge-score's tokenizer keeps [a-z0-9] only: "Über café" -> "ber caf"
     assert ev.rouge_l("Über café", "uber cafe") == 0.0
     assert ev.rouge_l("über, CAFÉ!", "Über café") == 1.0
-    assert ev.rouge_l("", "x") == 0.0 and ev.rouge_l("", "") == 0.0 and ev.rouge_l("...", "x") == 0.0
+    assert (ev.rouge_l("", "x") == 0.0 and ev.rouge_l("", "") == 0.0
+            and ev.rouge_l("...", "x") == 0.0)
     assert ev.rouge_l("a", ["b", "a c"]) == pytest.approx(2 / 3)  # best reference
 
 
@@ -71,7 +72,8 @@ def test_edit_similarity_known_values():
     assert ev.edit_similarity("", "") == 1.0  # rapidfuzz's fuzz.ratio("", "") is 100
     assert ev.edit_similarity("abc", "") == 0.0
     assert ev.edit_similarity("café", "cafe") == pytest.approx(6 / 8)
-    assert ev.edit_similarity("a" * 100, "a" * 50) == pytest.approx(100 / 150)  # past one machine word
+    # past one machine word
+    assert ev.edit_similarity("a" * 100, "a" * 50) == pytest.approx(100 / 150)
     assert ev.edit_similarity("def f(x):", "def f(x):") == 1.0
 
 
@@ -80,7 +82,8 @@ def test_sari_hand_cases():
     src = "About 95 species are currently accepted ."
     refs = ["About 95 species are currently known .", "About 95 species are now accepted .",
             "95 species are now accepted ."]
-    assert ev.sari(src, "About 95 you now get in .", refs) == pytest.approx(0.26953601953601954, abs=1e-12)
+    assert ev.sari(src, "About 95 you now get in .", refs) == pytest.approx(0.26953601953601954,
+                                                                            abs=1e-12)
     # A perfect deletion: every keep, delete and add score is 1 (empty n-gram sets count 0/0 = 1).
     assert ev.sari("a b c", "a c", ["a c"]) == pytest.approx(1.0)
     # source "a b", prediction "a c", reference "a b":
@@ -90,7 +93,8 @@ def test_sari_hand_cases():
     # Two references scale the source/prediction counts by 2:
     #  1-grams: keep P 1, R 2/3 -> F 4/5; "b" deleted twice, kept once by refs -> del P 1/2; add 1.
     #  2-grams: keep R 0 -> F 0; "a b" deleted twice, kept once -> 1/2; add 1. 3/4-grams 1, 1, 1.
-    assert ev.sari("a b", "a", ["a", "a b"]) == pytest.approx((0.8 + 0.5 + 1 + 0 + 0.5 + 1 + 6) / 12)
+    assert ev.sari("a b", "a", ["a", "a b"]) == pytest.approx((0.8 + 0.5 + 1 + 0 + 0.5 + 1 + 6)
+                                                              / 12)
     # Lowercased and 13a-tokenized before n-grams: these three are the same sentence.
     assert ev.sari("Hello, world.", "hello , world .", ["HELLO, WORLD."]) == pytest.approx(1.0)
 
@@ -120,19 +124,22 @@ def test_trace_accuracy_compares_with_equals_and_no_strip():
 
 def test_trace_scienceqa_compares_the_first_character():
     assert ev.trace_scienceqa("B\nBecause plants make food.", "B\nBecause of the sun.") == 1.0
-    assert ev.trace_scienceqa("B", "B\nBecause ...") == 1.0 and ev.trace_scienceqa("BA", "B\n") == 1.0
+    assert (ev.trace_scienceqa("B", "B\nBecause ...") == 1.0
+            and ev.trace_scienceqa("BA", "B\n") == 1.0)
     assert ev.trace_scienceqa("C\nBecause of the sun.", "B\nBecause of the sun.") == 0.0
     assert ev.trace_scienceqa(" B", "B\n") == 0.0 and ev.trace_scienceqa("b\n", "B\n") == 0.0
     assert ev.trace_scienceqa("", "B\n") == 0.0  # TRACE's datium[0] would raise; 0 here
     assert ev.trace_scienceqa("B", "") == 0.0
-    assert ev.accuracy("B\nBecause plants make food.", "B\nBecause of the sun.") == 0.0  # what it was
+    # what it was
+    assert ev.accuracy("B\nBecause plants make food.", "B\nBecause of the sun.") == 0.0
 
 
 def test_py150_literals_replaced_as_trace_does():
     pp = ev._py150_postprocess
     assert pp("x = <NUM_LIT> + len(<STR_LIT>) + ord(<CHAR_LIT>)") == "x = 0 + len() + ord()"
     assert pp("f(<STR_LIT:hi>, <NUM_LIT:3>, <CHAR_LIT:c>)") == "f(hi, 3, c)"
-    assert pp("<STR_LIT:a\nb> == <STR_LIT:a\nb>") == "a\nb == a\nb"  # re.S: across lines; every copy
+    # re.S: across lines; every copy
+    assert pp("<STR_LIT:a\nb> == <STR_LIT:a\nb>") == "a\nb == a\nb"
     # Bare placeholders first, then <KIND_LIT:text> non-greedy up to the first ">":
     assert pp("<STR_LIT:<NUM_LIT>>") == "0"
     assert pp("<STR_LIT:<STR_LIT:a>>") == "<STR_LIT:a>"
@@ -209,7 +216,8 @@ def test_trace_metrics_against_the_packages_trace_pins_if_installed():
     fuzz = pytest.importorskip("fuzzywuzzy.fuzz")
     import difflib
     if fuzz.SequenceMatcher is not difflib.SequenceMatcher:
-        pytest.skip("python-Levenshtein is installed: fuzzywuzzy then uses its ratio, not TRACE's difflib")
+        pytest.skip("python-Levenshtein is installed: fuzzywuzzy then uses its ratio, not TRACE's "
+                    "difflib")
     rng = random.Random(2)
     words = ["the", "The", "cat", "a", "über", "42", "x.y", ".", "..", " ", "\n", "<NUM_LIT>",
              "<STR_LIT:a b>"]
@@ -220,7 +228,8 @@ def test_trace_metrics_against_the_packages_trace_pins_if_installed():
         pp, rr = ev._py150_postprocess(p), ev._py150_postprocess(r)
         assert ev.trace_edit_similarity(p, r) == (fuzz.ratio(pp, rr) if pp and rr else 0) / 100
     long_ref = "".join(rng.choice("ab (x)") for _ in range(300))  # past difflib's autojunk length
-    assert ev.trace_edit_similarity(long_ref[5:250], long_ref) == fuzz.ratio(long_ref[5:250], long_ref) / 100
+    assert (ev.trace_edit_similarity(long_ref[5:250], long_ref)
+            == fuzz.ratio(long_ref[5:250], long_ref) / 100)
 
 
 def test_continual_metrics_worked_example():
@@ -274,12 +283,15 @@ PROMPTS = ["the river is", "paris london city of the year born in", "one",
 
 def test_generate_equals_argmax_of_full_forwards(tiny_model, tok):
     tiny_model.train()
-    expected = [tok.decode(_greedy_by_full_forwards(tiny_model, tok.encode(p, True, False), 7, tok.eos_id))
+    expected = [tok.decode(_greedy_by_full_forwards(tiny_model, tok.encode(p, True, False), 7,
+                                                    tok.eos_id))
                 for p in PROMPTS]
-    got = ev.generate(tiny_model, tok, PROMPTS, max_new_tokens=7, batch_size=3)  # batches of 3 and 1
+    # batches of 3 and 1
+    got = ev.generate(tiny_model, tok, PROMPTS, max_new_tokens=7, batch_size=3)
     assert got == expected
     assert tiny_model.training  # train mode restored
-    assert ev.generate(tiny_model, tok, PROMPTS[::-1], max_new_tokens=7, batch_size=4) == expected[::-1]
+    assert (ev.generate(tiny_model, tok, PROMPTS[::-1], max_new_tokens=7, batch_size=4)
+            == expected[::-1])
 
 
 def test_generate_stops_at_eos(tiny_model, tok):
@@ -287,9 +299,12 @@ def test_generate_stops_at_eos(tiny_model, tok):
     free = _greedy_by_full_forwards(tiny_model, ids, 6, eos_id=-1)
     stop = next(t for t in free[1:] if t != free[0])  # pretend this token is eos
 
-    expected = [tok.decode(_greedy_by_full_forwards(tiny_model, tok.encode(p, True, False), 6, stop)) for p in PROMPTS]
+    expected = [tok.decode(_greedy_by_full_forwards(tiny_model, tok.encode(p, True, False), 6,
+                                                    stop))
+                for p in PROMPTS]
     assert expected[1] == tok.decode(free[:free.index(stop)])
-    assert ev.generate(tiny_model, _EosAs(tok, stop), PROMPTS, max_new_tokens=6, batch_size=4) == expected
+    assert (ev.generate(tiny_model, _EosAs(tok, stop), PROMPTS, max_new_tokens=6, batch_size=4)
+            == expected)
 
 
 def test_generate_left_truncates_long_prompts(tiny_model, tok):
@@ -331,7 +346,8 @@ def test_plan_batches_longest_first_within_the_budget():
     assert ev._plan([5, 9, 3, 9, 1], batch_size=8, max_tokens=20) == [[1, 3], [0, 2, 4]]
     # Each 9 alone exceeds 8 and still runs, alone; generation counts the new tokens too.
     assert ev._plan([5, 9, 3, 9, 1], batch_size=8, max_tokens=8) == [[1], [3], [0], [2, 4]]
-    assert ev._plan([5, 9, 3, 9, 1], batch_size=8, max_tokens=20, extra=2) == [[1], [3], [0, 2], [4]]
+    assert (ev._plan([5, 9, 3, 9, 1], batch_size=8, max_tokens=20, extra=2)
+            == [[1], [3], [0, 2], [4]])
     with pytest.raises(ValueError, match="max_batch_tokens must be >= 0"):
         ev._plan([1], batch_size=1, max_tokens=-1)
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
@@ -353,7 +369,8 @@ def _prefill_shapes(model):
 def test_token_budget_bounds_batches_and_changes_no_result(tiny_model, tok):
     prompts = PROMPTS + ["two", "red green blue code def one river paris london"]
     new = 5
-    gen = lambda budget: ev.generate(tiny_model, tok, prompts, new, batch_size=8, max_batch_tokens=budget)  # noqa: E731
+    gen = lambda budget: ev.generate(tiny_model, tok, prompts, new, batch_size=8,  # noqa: E731
+                                     max_batch_tokens=budget)
     free = gen(0)
     longest = max(len(tok.encode(p, True, False)) for p in prompts)
     budget = 2 * (longest + new)  # the two longest prompts and their new tokens fit exactly
@@ -382,10 +399,12 @@ def test_generation_with_a_bf16_cache(tiny_args, tok):
     model = _tiny_model(tiny_args).to(torch.bfloat16)
     cache_dtypes, new_cache = [], model.new_cache
     model.new_cache = lambda *a, **k: cache_dtypes.append(new_cache(*a, **k)) or cache_dtypes[-1]
-    expected = [tok.decode(_greedy_by_full_forwards(model, tok.encode(p, True, False), 7, tok.eos_id))
+    expected = [tok.decode(_greedy_by_full_forwards(model, tok.encode(p, True, False), 7,
+                                                    tok.eos_id))
                 for p in PROMPTS]
     assert ev.generate(model, tok, PROMPTS, max_new_tokens=7, batch_size=3) == expected
-    assert {c.k[0].dtype for c in cache_dtypes} == {torch.bfloat16}  # the parameters' dtype by default
+    # the parameters' dtype by default
+    assert {c.k[0].dtype for c in cache_dtypes} == {torch.bfloat16}
     x = torch.tensor([tok.encode(PROMPTS[1], True, False)])
     with torch.no_grad():  # and bf16 really computes differently from float32
         assert not torch.equal(model(x), _tiny_model(tiny_args)(x))
@@ -406,7 +425,8 @@ def _write_jsonl(path, records):
 
 
 def test_multiple_choice_picks_the_highest_summed_logprob(tiny_model, tok, tmp_path):
-    questions = [("Which city?", ["paris", "london river", "apple"]), ("Two plus two?", ["four", "five", "six seven"])]
+    questions = [("Which city?", ["paris", "london river", "apple"]),
+                 ("Two plus two?", ["four", "five", "six seven"])]
     picks = []
     for q, choices in questions:
         ctx = f"{q}\nAnswer:"
@@ -419,8 +439,10 @@ def test_multiple_choice_picks_the_highest_summed_logprob(tiny_model, tok, tmp_p
     (p0, lp0), (p1, _) = picks
     wrong = (p1 + 1) % 3
     path = _write_jsonl(tmp_path / "mmlu.jsonl", [
-        {"question": questions[0][0], "choices": questions[0][1], "answer": questions[0][1][p0]},  # right, by text
-        {"question": questions[1][0], "choices": questions[1][1], "answer": "ABC"[wrong]},          # wrong, by letter
+        {"question": questions[0][0], "choices": questions[0][1],
+         "answer": questions[0][1][p0]},  # right, by text
+        {"question": questions[1][0], "choices": questions[1][1],
+         "answer": "ABC"[wrong]},  # wrong, by letter
     ])
     res = ev.evaluate_file(tiny_model, tok, path, batch_size=2)
     assert res["metric"] == "mc" and res["n"] == 2 and res["higher_is_better"]
@@ -471,7 +493,8 @@ def test_record_formats_and_metric_choice(tiny_model, tok, tmp_path):
     assert res["predictions"][1]["score"] == pytest.approx(ev.rouge_l(preds[1], preds[1] + " no"))
 
     import data
-    msgs = [{"role": "user", "content": "add two plus three"}, {"role": "assistant", "content": " five "}]
+    msgs = [{"role": "user", "content": "add two plus three"},
+            {"role": "assistant", "content": " five "}]
     qa = _write_jsonl(tmp_path / "probe.jsonl", [
         {"messages": msgs, "metric": "em"},
         {"question": "where is paris", "answers": ["london", "x"], "metric": "em"}])
@@ -481,17 +504,20 @@ def test_record_formats_and_metric_choice(tiny_model, tok, tmp_path):
     assert res["predictions"][0]["reference"] == "five"
     assert res["predictions"][1]["prompt"] == "Q: where is paris\nA:"
     assert res["predictions"][1]["reference"] == ["london", "x"]
-    expected = ev.generate(tiny_model, tok, [data.chat_prompt(msgs), "Q: where is paris\nA:"], max_new_tokens=4)
+    expected = ev.generate(tiny_model, tok, [data.chat_prompt(msgs), "Q: where is paris\nA:"],
+                           max_new_tokens=4)
     assert [p["prediction"] for p in res["predictions"]] == expected
 
     (tmp_path / "20Minuten").mkdir()
-    sari_file = _write_jsonl(tmp_path / "20Minuten" / "test.jsonl", [{"prompt": "der Hund", "answer": "Hund"}])
+    sari_file = _write_jsonl(tmp_path / "20Minuten" / "test.jsonl",
+                             [{"prompt": "der Hund", "answer": "Hund"}])
     res = ev.evaluate_file(tiny_model, tok, sari_file, max_new_tokens=4)
     assert res["metric"] == "sari"
     p = res["predictions"][0]
     assert p["score"] == pytest.approx(ev.sari("der Hund", p["prediction"], "Hund"))
 
-    bad = _write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a", "answer": "b"}, {"prompt": "no answer"}])
+    bad = _write_jsonl(tmp_path / "bad.jsonl",
+                       [{"prompt": "a", "answer": "b"}, {"prompt": "no answer"}])
     with pytest.raises(data.DataError, match=r"bad.jsonl: line 2: no 'answer'"):
         ev.evaluate_file(tiny_model, tok, bad)
 
@@ -499,7 +525,8 @@ def test_record_formats_and_metric_choice(tiny_model, tok, tmp_path):
 @pytest.mark.parametrize("path,metric", [
     ("trace/C-STANCE/test.json", "trace_accuracy"), ("trace/FOMC/test.json", "trace_accuracy"),
     ("MeetingBank.jsonl", "trace_rouge_l"), ("trace/Py150/test.json", "trace_edit_sim"),
-    ("trace/ScienceQA/test.json", "trace_scienceqa"), ("trace/NumGLUE-cm/test.json", "trace_accuracy"),
+    ("trace/ScienceQA/test.json", "trace_scienceqa"),
+    ("trace/NumGLUE-cm/test.json", "trace_accuracy"),
     ("numglue_ds_test.jsonl", "trace_accuracy"), ("trace/20Minuten/test.json", "sari"),
 ])
 def test_trace_task_names_map_to_their_metrics(path, metric):
@@ -508,7 +535,8 @@ def test_trace_task_names_map_to_their_metrics(path, metric):
 
 def test_default_metric_by_record_shape():
     assert ev._default_metric("x/probe.jsonl", {"question": "q", "answer": "a"}) == "em"
-    assert ev._default_metric("x/mmlu.jsonl", {"question": "q", "choices": ["a"], "answer": 0}) == "mc"
+    assert ev._default_metric("x/mmlu.jsonl",
+                              {"question": "q", "choices": ["a"], "answer": 0}) == "mc"
     assert ev._default_metric("x/wiki.txt", {"text": "t"}) == "ppl"
     assert ev._default_metric("x/chat.jsonl", {"messages": []}) == "accuracy"
     assert ev._default_metric("x/task.json", {"prompt": "p", "answer": "a"}) == "accuracy"
@@ -519,10 +547,12 @@ def test_default_metric_by_record_shape():
 
 
 class _EosAs:
-    """The tokenizer, with another token playing eos (a random tiny model never emits the real one)."""
+    """The tokenizer, with another token playing eos (a random tiny model never emits the real
+    one)."""
 
     def __init__(self, tok, eos_id):
-        self.bos_id, self.eos_id, self.encode, self.decode = tok.bos_id, eos_id, tok.encode, tok.decode
+        self.bos_id, self.eos_id, self.encode, self.decode = (tok.bos_id, eos_id, tok.encode,
+                                                              tok.decode)
 
 
 DIST_PROMPTS = PROMPTS + ["two"]
@@ -539,7 +569,8 @@ def _dist_worker(rank, world, init_file, out_dir, args_dict, spm_path, files, st
     try:
         tok = data.Tokenizer(spm_path)
         result = {}
-        for name, mp in (("fp32", MixedPrecisionPolicy()), ("bf16", MixedPrecisionPolicy(param_dtype=torch.bfloat16))):
+        for name, mp in (("fp32", MixedPrecisionPolicy()),
+                         ("bf16", MixedPrecisionPolicy(param_dtype=torch.bfloat16))):
             model = Transformer(ModelArgs(**args_dict))
             model.init_weights(0)
             for block in model.layers:
@@ -554,7 +585,8 @@ def _dist_worker(rank, world, init_file, out_dir, args_dict, spm_path, files, st
                 "gen": ev.generate(model, tok, DIST_PROMPTS, max_new_tokens=6, batch_size=2),
                 # Rank 0's first prompt ends at once, rank 1's runs on: rank 0 must keep stepping
                 # in step with it, or its later forwards pair with rank 1's and the counts differ.
-                "eos": ev.generate(model, _EosAs(tok, stop), DIST_PROMPTS[:4], max_new_tokens=6, batch_size=1),
+                "eos": ev.generate(model, _EosAs(tok, stop), DIST_PROMPTS[:4], max_new_tokens=6,
+                                   batch_size=1),
                 "evals": {f: ev.evaluate_file(model, tok, f, batch_size=2)["score"] for f in files},
                 "calls": len(calls)}
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
@@ -568,21 +600,25 @@ def _dist_worker(rank, world, init_file, out_dir, args_dict, spm_path, files, st
 def test_two_ranks_fsdp_match_one_process(tiny_args, tok, spm_path, tmp_path):
     from dataclasses import asdict
     model = _tiny_model(tiny_args)
-    mc = _write_jsonl(tmp_path / "mc.jsonl", [{"question": f"q{i}", "choices": ["one", "two three"], "answer": i % 2}
-                                            for i in range(3)])
+    mc = _write_jsonl(tmp_path / "mc.jsonl", [{"question": f"q{i}", "choices": ["one", "two three"],
+                                               "answer": i % 2}
+                                              for i in range(3)])
     ppl = _write_jsonl(tmp_path / "text.jsonl", [{"text": "the river is blue"}, {"text": "one two"},
                                                  {"text": " ".join(["red green"] * 40)}])
     files = [mc, ppl]
-    free = [_greedy_by_full_forwards(model, tok.encode(p, True, False), 6, -1) for p in DIST_PROMPTS]
+    free = [_greedy_by_full_forwards(model, tok.encode(p, True, False), 6, -1)
+            for p in DIST_PROMPTS]
     stop = free[0][0]
-    assert stop not in free[1] and stop not in free[3], "pick other prompts: rank 1's must not stop early"
+    assert stop not in free[1] and stop not in free[3], \
+        "pick other prompts: rank 1's must not stop early"
     single = {"gen": ev.generate(model, tok, DIST_PROMPTS, max_new_tokens=6, batch_size=2),
               "eos": ev.generate(model, _EosAs(tok, stop), DIST_PROMPTS[:4], max_new_tokens=6),
               "evals": {f: ev.evaluate_file(model, tok, f, batch_size=2)["score"] for f in files}}
     assert single["eos"][0] == "" and single["eos"][1] == single["gen"][1]
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_dist_worker, args=(r, 2, str(tmp_path / "init"), str(tmp_path), asdict(tiny_args),
-                                                    spm_path, files, stop)) for r in range(2)]
+    procs = [ctx.Process(target=_dist_worker, args=(r, 2, str(tmp_path / "init"), str(tmp_path),
+                                                    asdict(tiny_args), spm_path, files, stop))
+             for r in range(2)]
     for p in procs:
         p.start()
     for p in procs:
@@ -612,7 +648,8 @@ def _gathered_worker(rank, world, init_file, out_dir, args_dict, spm_path):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     gathers = []  # FSDP2's parameter all-gathers (all_gather_single in torch 2.13)
     for name in ("all_gather_single", "all_gather_into_tensor"):
-        setattr(dist, name, lambda *a, _f=getattr(dist, name), **k: gathers.append(1) or _f(*a, **k))
+        setattr(dist, name,
+                lambda *a, _f=getattr(dist, name), **k: gathers.append(1) or _f(*a, **k))
     try:
         tok = data.Tokenizer(spm_path)
 
@@ -652,7 +689,8 @@ def _gathered_worker(rank, world, init_file, out_dir, args_dict, spm_path):
             with ev.gathered(model):  # nested: gathers nothing, and leaves the outer block gathered
                 pass
             result["inside_after_nested"] = isinstance(model.layers[0].attention.wq.weight, DTensor)
-            result["nested_gathers"] = counted(lambda: ev.generate(model, tok, DIST_PROMPTS[:2], 3))[1]
+            result["nested_gathers"] = counted(
+                lambda: ev.generate(model, tok, DIST_PROMPTS[:2], 3))[1]
         try:
             with ev.gathered(model):
                 raise KeyError("a bad eval file")
@@ -673,7 +711,8 @@ def _gathered_worker(rank, world, init_file, out_dir, args_dict, spm_path):
         with ev.gathered(bf16):  # full forwards, the same calls on every rank
             result["bf16_param"] = str(bf16.output.weight.dtype)
             result["bf16_full"] = [
-                tok.decode(_greedy_by_full_forwards(bf16, tok.encode(p, True, False), 6, tok.eos_id))
+                tok.decode(_greedy_by_full_forwards(bf16, tok.encode(p, True, False), 6,
+                                                    tok.eos_id))
                 for p in DIST_PROMPTS]
         with open(os.path.join(out_dir, f"gathered{rank}.json"), "w") as f:
             json.dump(result, f)
@@ -690,7 +729,8 @@ def test_gathered_all_gathers_once_per_evaluation(tiny_args, tok, spm_path, tmp_
               "gen_budget": ev.generate(model, tok, DIST_PROMPTS, 6, batch_size=2)}
     ctx = multiprocessing.get_context("spawn")
     procs = [ctx.Process(target=_gathered_worker, args=(r, 2, str(tmp_path / "init"), str(tmp_path),
-                                                        asdict(tiny_args), spm_path)) for r in range(2)]
+                                                        asdict(tiny_args), spm_path))
+             for r in range(2)]
     for p in procs:
         p.start()
     for p in procs:
@@ -734,9 +774,12 @@ def test_write_report_two_stages(tmp_path):
                        "wiki.txt": {"score": 10.0, "metric": "ppl", "higher_is_better": False}}}
     stages = [
         {"name": "A", "eval_files": ["a.json"], "evals": {"a.json": r(80)},
-         "probes": {"nq.jsonl": r(30, "em"), "wiki.txt": {"score": 20.0, "metric": "ppl", "higher_is_better": False}}},
-        {"name": "B", "eval_files": ["b.json", "c.json"], "evals": {"a.json": r(70), "b.json": r(60), "c.json": r(40)},
-         "probes": {"nq.jsonl": r(20, "em"), "wiki.txt": {"score": 12.5, "metric": "ppl", "higher_is_better": False}}},
+         "probes": {"nq.jsonl": r(30, "em"),
+                    "wiki.txt": {"score": 20.0, "metric": "ppl", "higher_is_better": False}}},
+        {"name": "B", "eval_files": ["b.json", "c.json"],
+         "evals": {"a.json": r(70), "b.json": r(60), "c.json": r(40)},
+         "probes": {"nq.jsonl": r(20, "em"),
+                    "wiki.txt": {"score": 12.5, "metric": "ppl", "higher_is_better": False}}},
     ]
     rep = ev.write_report(str(tmp_path), base, stages)
     # Task B is the mean of b and c: R = [[80], [70, 50]]; OP = 60; BWT = ((70 - 80) + 0) / 2 = -5
@@ -757,7 +800,8 @@ def test_write_report_two_stages(tmp_path):
     assert "| wiki.txt | ppl (lower is better) | 10.00 | 20.00 (50.0%) | 12.50 (80.0%) |" in md
     assert sorted(os.listdir(tmp_path)) == ["report.json", "report.md"]  # no temp files left
     with pytest.raises(ValueError, match=r"stage 'B' has no result for \['a.json'\]"):
-        ev.write_report(str(tmp_path), base, [stages[0], {**stages[1], "evals": {"b.json": r(1), "c.json": r(1)}}])
+        ev.write_report(str(tmp_path), base,
+                        [stages[0], {**stages[1], "evals": {"b.json": r(1), "c.json": r(1)}}])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -772,13 +816,15 @@ def test_cli_on_a_saved_tiny_model(tiny_args, tok, spm_path, tmp_path, capsys):
     model_dir = tmp_path / "tiny"
     checkpoint.save_model(m, str(model_dir))
     shutil.copy(spm_path, model_dir / "tokenizer.model")
-    qa = _write_jsonl(tmp_path / "probe.jsonl", [{"question": "where is paris", "answer": "london"}])
+    qa = _write_jsonl(tmp_path / "probe.jsonl",
+                      [{"question": "where is paris", "answer": "london"}])
     out = tmp_path / "results.json"
-    assert ev.main(["--model", str(model_dir), "--data", qa, "--max-new-tokens", "4", "--max-seq-len", "64",
-                    "--out", str(out)]) == 0
+    assert ev.main(["--model", str(model_dir), "--data", qa, "--max-new-tokens", "4",
+                    "--max-seq-len", "64", "--out", str(out)]) == 0
     res = json.loads(out.read_text())["results"][0]
     assert res["metric"] == "em" and res["n"] == 1
-    assert res["predictions"][0]["prediction"] == ev.generate(m, tok, ["Q: where is paris\nA:"], 4)[0]
+    assert (res["predictions"][0]["prediction"]
+            == ev.generate(m, tok, ["Q: where is paris\nA:"], 4)[0])
     assert "probe.jsonl" in capsys.readouterr().out
 
 
@@ -824,8 +870,8 @@ def test_score_predictions_equals_evaluate_file(tiny_model, tok, tmp_path):
         assert res["score"] > 0 and res["n"] == len(res["predictions"]), name
         metrics[name] = res["metric"]
     assert metrics == {"C-STANCE": "trace_accuracy", "ScienceQA": "trace_scienceqa",
-                       "Py150": "trace_edit_sim", "MeetingBank": "trace_rouge_l", "20Minuten": "sari",
-                       "probe": "em"}
+                       "Py150": "trace_edit_sim", "MeetingBank": "trace_rouge_l",
+                       "20Minuten": "sari", "probe": "em"}
 
 
 SCIENCEQA = [{"prompt": "Which is a plant?", "answer": "A\nBecause it makes food."},
@@ -855,8 +901,10 @@ def test_score_predictions_rejects_what_it_cannot_score(tmp_path):
         ev.score_predictions(path, ["A", 2, "C"])
     with pytest.raises(ValueError, match="a list of strings, got one string"):
         ev.score_predictions(path, "ABC")
-    mc = _write_jsonl(tmp_path / "mmlu.jsonl", [{"question": "q", "choices": ["a", "b"], "answer": 0}])
-    with pytest.raises(ValueError, match=r"mmlu.jsonl: metric 'mc' scores the model's log-probabilities"):
+    mc = _write_jsonl(tmp_path / "mmlu.jsonl",
+                      [{"question": "q", "choices": ["a", "b"], "answer": 0}])
+    with pytest.raises(ValueError,
+                       match=r"mmlu.jsonl: metric 'mc' scores the model's log-probabilities"):
         ev.score_predictions(mc, ["a"])
     ppl = _write_jsonl(tmp_path / "wiki.jsonl", [{"text": "the river"}])
     with pytest.raises(ValueError, match=r"wiki.jsonl: metric 'ppl' scores"):
@@ -883,7 +931,8 @@ def test_read_predictions_formats(tmp_path):
 
 @pytest.mark.parametrize("text,match", [
     ('{"prediction": "a"}\n\n{"prediction": "b"\n', r"bad.jsonl: line 3: malformed JSON"),
-    ('{"prediction": "a"}\n{"text": "b"}\n', r"bad.jsonl: line 2: expected an object with a 'prediction'"),
+    ('{"prediction": "a"}\n{"text": "b"}\n',
+     r"bad.jsonl: line 2: expected an object with a 'prediction'"),
     ('{"prediction": "a"}\n"b"\n', r"bad.jsonl: line 2: expected an object"),
     ('{"prediction": 3}\n', r"bad.jsonl: line 1: a prediction must be a string, found int"),
     ('["a",\n "b",\n]', r"bad.jsonl: line 3: malformed JSON"),
@@ -935,7 +984,8 @@ def test_cli_predictions_errors(tmp_path, capsys):
     assert ev.main(["--data", path, "--predictions", str(tmp_path / "bad.jsonl")]) == 2
     assert "bad.jsonl: line 2: malformed JSON" in capsys.readouterr().err
     for argv, message in [([path, path, "--predictions", short], "exactly one --data file, got 2"),
-                          ([path, "--predictions", short, "--model", "m"], "not allowed with argument"),
+                          ([path, "--predictions", short, "--model", "m"],
+                           "not allowed with argument"),
                           ([path], "one of the arguments --model --predictions is required")]:
         with pytest.raises(SystemExit) as e:
             ev.main(["--data", *argv])
@@ -947,10 +997,13 @@ def test_cli_max_batch_tokens(tiny_args, tok, spm_path, tmp_path, capsys):
     m = _tiny_model(tiny_args)
     model_dir = tmp_path / "tiny"
     checkpoint.save_model(m, str(model_dir))
-    qa = _write_jsonl(tmp_path / "probe.jsonl", [{"question": q, "answer": "x"} for q in ("where is paris", "one")])
+    qa = _write_jsonl(tmp_path / "probe.jsonl",
+                      [{"question": q, "answer": "x"} for q in ("where is paris", "one")])
     out = tmp_path / "results.json"
-    common = ["--model", str(model_dir), "--tokenizer", spm_path, "--data", qa, "--max-new-tokens", "3"]
-    assert ev.main(common + ["--max-batch-tokens", "1", "--out", str(out)]) == 0  # one prompt a batch
+    common = ["--model", str(model_dir), "--tokenizer", spm_path, "--data", qa,
+              "--max-new-tokens", "3"]
+    # one prompt a batch
+    assert ev.main(common + ["--max-batch-tokens", "1", "--out", str(out)]) == 0
     preds = [p["prediction"] for p in json.loads(out.read_text())["results"][0]["predictions"]]
     assert preds == ev.generate(m, tok, ["Q: where is paris\nA:", "Q: one\nA:"], 3)
     assert ev.main(common + ["--max-batch-tokens", "-1"]) == 2

@@ -39,13 +39,15 @@ def guarded_torchrun(cfg, log_prefix, env=None, check=True):
              **(env or {}))
     p = subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=300)
     if check and p.returncode:
-        raise AssertionError(f"torchrun failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
+        raise AssertionError(f"torchrun failed ({p.returncode}):\n{p.stdout[-3000:]}\n"
+                             f"{p.stderr[-5000:]}")
     return p
 
 
 @pytest.fixture(scope="module")
 def bf16_run(world):
-    cfg = write_cfg(world, "bf16", bf16_stages(world), train={"precision": "bf16", "replicate_frozen": True})
+    cfg = write_cfg(world, "bf16", bf16_stages(world),
+                    train={"precision": "bf16", "replicate_frozen": True})
     p = guarded_torchrun(cfg, world / "guard-bf16")
     return world / "bf16", p
 
@@ -53,7 +55,8 @@ def bf16_run(world):
 def test_bf16_on_cpu_computes_in_bf16_and_keeps_frozen_tensors_bitwise(world, bf16_run):
     out, p = bf16_run
     assert "compute bfloat16 (train.precision = bf16)" in p.stdout
-    base, sft, dpo = load_weights(world / "base"), load_weights(out / "sft"), load_weights(out / "dpo")
+    base, sft, dpo = (load_weights(world / "base"), load_weights(out / "sft"),
+                      load_weights(out / "dpo"))
     assert all(t.dtype == torch.float32 for t in sft.values())  # fp32 master weights exported
     for before, after, stage in ((base, sft, "sft"), (sft, dpo, "dpo")):
         mask = set(json.load(open(out / stage / "mask.json"))["trainable"])
@@ -83,12 +86,14 @@ def test_every_collective_kept_its_buffers_on_the_inputs_device(bf16_run):
         calls += open(f"{out.parent / 'guard-bf16'}.{rank}").read().splitlines()
     names = {c.split()[0] for c in calls}
     # FSDP's all-gathers and reduce-scatters, the DPO reference gather, the loss all-reduce.
-    assert {"all_gather_single", "reduce_scatter_single", "all_gather", "all_reduce"} <= names, names
+    assert {"all_gather_single", "reduce_scatter_single", "all_gather",
+            "all_reduce"} <= names, names
 
 
 def test_bf16_kill9_then_rerun_equals_uninterrupted(world, bf16_run):
     out, _ = bf16_run
-    cfg = write_cfg(world, "bf16crash", bf16_stages(world), train={"precision": "bf16", "replicate_frozen": True})
+    cfg = write_cfg(world, "bf16crash", bf16_stages(world),
+                    train={"precision": "bf16", "replicate_frozen": True})
     p = guarded_torchrun(cfg, world / "guard-crash", env={"HFT_FAULT_AT": "dpo:2"}, check=False)
     assert p.returncode != 0 and not (world / "bf16crash" / "dpo" / "done.json").exists()
     p = guarded_torchrun(cfg, world / "guard-crash")
@@ -117,15 +122,16 @@ def test_gather_rows_keeps_buffers_on_a_gpu_under_a_fake_process_group():
         uninstall()
 
 
-TCFG = {"precision": "bf16", "replicate": 1, "replicate_frozen": False, "activation_checkpointing": False,
-        "dpo_beta": 0.1, "grad_clip": 1.0, "batch_size": 4}
+TCFG = {"precision": "bf16", "replicate": 1, "replicate_frozen": False,
+        "activation_checkpointing": False, "dpo_beta": 0.1, "grad_clip": 1.0, "batch_size": 4}
 
 
 def test_rotary_table_reaches_attention_in_float32_under_bf16(one_rank, tiny_ckpt):
     import train
     model = train.build_model(CheckpointReader(tiny_ckpt), TCFG, None, torch.device("cpu"))
     seen = []
-    model.layers[0].attention.register_forward_pre_hook(lambda m, a: seen.append((a[0].dtype, a[1].dtype)))
+    model.layers[0].attention.register_forward_pre_hook(
+        lambda m, a: seen.append((a[0].dtype, a[1].dtype)))
     model(torch.randint(0, 320, (2, 16)))
     assert seen == [(torch.bfloat16, torch.float32)]  # activations bf16, rotary angles fp32
 
@@ -145,7 +151,8 @@ def test_gradients_are_reduce_scattered_after_every_micro_batch(one_rank, tiny_c
         seen.append(sum(p.grad is not None for p in trainable))
         return False
 
-    out = train.train_step(model, trainable, mbs, "sft", [None] * 3, 90, TCFG, None, torch.device("cpu"), stop)
+    out = train.train_step(model, trainable, mbs, "sft", [None] * 3, 90, TCFG, None,
+                           torch.device("cpu"), stop)
     assert seen == [0, len(trainable), len(trainable)] and out is not None
     assert all(p.grad.to_local().shape == p.to_local().shape for p in trainable)
 
@@ -159,8 +166,8 @@ def test_stop_between_micro_batches_drops_the_partial_step(one_rank, tiny_ckpt):
     mbs = [{"input_ids": torch.randint(3, 320, (2, 16)), "labels": torch.randint(3, 320, (2, 16))}
            for _ in range(3)]
     asked = []
-    out = train.train_step(model, trainable, mbs, "sft", [None] * 3, 90, TCFG, None, torch.device("cpu"),
-                           stop=lambda: asked.append(1) or len(asked) == 2)
+    out = train.train_step(model, trainable, mbs, "sft", [None] * 3, 90, TCFG, None,
+                           torch.device("cpu"), stop=lambda: asked.append(1) or len(asked) == 2)
     assert out is None and len(asked) == 2
     assert all(p.grad is None for p in trainable)
     assert all(torch.equal(b, p.detach().to_local()) for b, p in zip(before, trainable))
@@ -169,7 +176,8 @@ def test_stop_between_micro_batches_drops_the_partial_step(one_rank, tiny_ckpt):
 def test_a_sharded_model_is_freed_by_del_and_gc(one_rank, tiny_ckpt):
     import train
     reader = CheckpointReader(tiny_ckpt)
-    model = train.build_model(reader, dict(TCFG, activation_checkpointing=True), None, torch.device("cpu"))
+    model = train.build_model(reader, dict(TCFG, activation_checkpointing=True), None,
+                              torch.device("cpu"))
     model(torch.randint(0, 320, (1, 8)))
     ref, p_ref = weakref.ref(model), weakref.ref(next(model.parameters()))
     del model, reader
@@ -179,8 +187,8 @@ def test_a_sharded_model_is_freed_by_del_and_gc(one_rank, tiny_ckpt):
 
 def test_device_cuda_without_a_gpu_exits_2_naming_the_key(world, tmp_path):
     cfg = write_cfg(world, "nocuda", bf16_stages(world)[:1])
-    p = subprocess.run([sys.executable, TRAIN, "--config", str(cfg), "--train.device", "cuda"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=120)
+    p = subprocess.run([sys.executable, TRAIN, "--config", str(cfg), "--train.device", "cuda"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "train.device" in p.stderr, p.stderr[-2000:]
     assert not (world / "nocuda").exists()
 

@@ -115,7 +115,8 @@ def test_rounding_is_half_up(narrow32):
     assert sum(per_layer(hft.select_trainable(narrow32, "layer", 0.078125)).values()) == 3 * 9
     counts = per_layer(hft.select_trainable(narrow32, "category", 0.0390625))
     assert sum(counts[i, "norm"] for i in range(L)) == 3
-    assert hft.select_trainable(narrow32, "category", 1.0) == {n for n, _ in narrow32.named_parameters()}
+    assert (hft.select_trainable(narrow32, "category", 1.0)
+            == {n for n, _ in narrow32.named_parameters()})
 
 
 def test_embeddings_switch(narrow32):
@@ -141,8 +142,9 @@ def test_draw_depends_on_seed_and_stage_only(narrow32):
     assert hft.select_trainable(wrapper, seed=7, stage=2) == a
 
 
-@pytest.mark.parametrize("granularity,ratio,key", [("random", 0.5, "hft.granularity"), ("category", 0, "hft.ratio"),
-                                                    ("layer", 1.5, "hft.ratio"), ("model", -0.5, "hft.ratio")])
+@pytest.mark.parametrize("granularity,ratio,key",
+                         [("random", 0.5, "hft.granularity"), ("category", 0, "hft.ratio"),
+                          ("layer", 1.5, "hft.ratio"), ("model", -0.5, "hft.ratio")])
 def test_bad_config_names_the_key(narrow32, granularity, ratio, key):
     with pytest.raises(ValueError, match=key):
         hft.select_trainable(narrow32, granularity, ratio)
@@ -174,7 +176,8 @@ def test_param_groups(tiny_args):
     assert {"tok_embeddings.weight", "output.weight"} <= decay
     assert all(n.endswith("norm.weight") for n in no_decay) and "norm.weight" in no_decay
     em = hft.ElementMask(m, 0.5)
-    masked = {names[id(p)] for g in hft.param_groups(m, 0.1, em) if g["weight_decay"] == 0 for p in g["params"]}
+    masked = {names[id(p)] for g in hft.param_groups(m, 0.1, em) if g["weight_decay"] == 0
+              for p in g["params"]}
     assert {n for n in em.names if dict(m.named_parameters())[n].requires_grad} <= masked
 
 
@@ -226,7 +229,8 @@ def test_7b_default_share():
         m = Transformer(llama2_args("7B"))
     s = hft.make_mask(m)["summary"]
     assert abs(100 * s["total"]["trainable"] / s["total"]["total"] - 51.9) < 0.1
-    assert round(s["total"]["trainable"] / 1e9, 2) == 3.50 and round(s["total"]["total"] / 1e9, 2) == 6.74
+    assert (round(s["total"]["trainable"] / 1e9, 2) == 3.50
+            and round(s["total"]["total"] / 1e9, 2) == 6.74)
     assert s["attention"]["fraction"] == 0.5 and s["feed_forward"]["fraction"] == 0.5
     table = hft.format_summary(s)
     assert "51.9" in table and "3,500,281,856" in table
@@ -239,10 +243,12 @@ def test_mask_json_round_trip_and_errors(tiny_args, tmp_path):
     hft.save_mask(path, mask)
     assert os.listdir(tmp_path) == ["mask.json"]  # no temp file left behind
     loaded = hft.load_mask(path)
-    assert loaded == mask and loaded["trainable"] == sorted(hft.select_trainable(m, seed=4, stage=1))
+    assert (loaded == mask
+            and loaded["trainable"] == sorted(hft.select_trainable(m, seed=4, stage=1)))
     bad = tmp_path / "bad.json"
     for text, why in [("{not json", "not valid JSON"),
-                      (json.dumps({k: v for k, v in mask.items() if k != "trainable"}), "trainable"),
+                      (json.dumps({k: v for k, v in mask.items() if k != "trainable"}),
+                       "trainable"),
                       (json.dumps({**mask, "ratio": 2}), "hft.ratio"),
                       (json.dumps({**mask, "trainable": "all"}), "trainable")]:
         bad.write_text(text)
@@ -269,7 +275,8 @@ def test_element_mask_on_fsdp_dtensors(tiny_args, tmp_path):
         assert hft.select_trainable(m, seed=5) == plain_names  # FSDP2 keeps the names
         before = {n: p.full_tensor().clone() for n, p in m.named_parameters()}
         em = hft.ElementMask(m, 0.5, seed=0, stage=0)
-        ref = hft.ElementMask(tiny_model(tiny_args), 0.5, seed=0, stage=0)  # same draw, plain tensors
+        # same draw, plain tensors
+        ref = hft.ElementMask(tiny_model(tiny_args), 0.5, seed=0, stage=0)
         assert em.trainable_elements() == ref.trainable_elements()
         opt = torch.optim.AdamW(hft.param_groups(m, 0.1, em), lr=1e-2)
         train_steps(m, opt, steps=2, element_mask=em)
@@ -291,7 +298,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 rank, world = int(sys.argv[1]), 2
 dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=rank, world_size=world)
-args = ModelArgs(dim=20, n_layers=2, n_heads=2, vocab_size=64, multiple_of=1)  # ffn hidden 53: 27 + 26 rows
+# ffn hidden 53: 27 + 26 rows
+args = ModelArgs(dim=20, n_layers=2, n_heads=2, vocab_size=64, multiple_of=1)
 m = Transformer(args)
 m.init_weights(0)
 ref = hft.ElementMask(Transformer(args), 0.5, seed=0, stage=0)
@@ -310,14 +318,16 @@ print("ok", rank)
 
 
 def test_element_mask_shards_match_the_full_mask(tmp_path):
-    """Two gloo ranks, uneven FSDP2 shards (53 rows): each rank keeps exactly its rows of the mask."""
+    """Two gloo ranks, uneven FSDP2 shards (53 rows): each rank keeps exactly its rows of the
+    mask."""
     import subprocess
     import sys
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     procs = [subprocess.Popen([sys.executable, str(script), str(r), str(tmp_path / "pg"), root],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in range(2)]
     outs = [p.communicate(timeout=120)[0] for p in procs]
     for rank, (p, out) in enumerate(zip(procs, outs)):
         assert p.returncode == 0 and f"ok {rank}" in out, out[-2000:]
@@ -380,8 +390,9 @@ def test_reset_cli(tmp_path, tiny_args, spm_path):
     import sys
     base, tuned = two_checkpoints(tmp_path, tiny_args, spm_path, "meta", "meta")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    run = subprocess.run([sys.executable, os.path.join(root, "hft.py"), "reset", "--base", str(base),
-                          "--tuned", str(tuned), "--out", str(tmp_path / "out"), "--ratio", "0.5",
+    run = subprocess.run([sys.executable, os.path.join(root, "hft.py"), "reset",
+                          "--base", str(base), "--tuned", str(tuned),
+                          "--out", str(tmp_path / "out"), "--ratio", "0.5",
                           "--seed", "3", "--granularity", "layer", "--format", "hf"],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
@@ -406,4 +417,5 @@ def test_reset_shape_mismatch_names_the_tensor_and_both_shapes(tmp_path, tiny_ar
     assert hft.main(args) == 2
     assert "output.weight: " in capsys.readouterr().err and not (tmp_path / "out").exists()
     with pytest.raises(ValueError, match="granularity 'parameter'"):
-        hft.reset_half(tmp_path / "base", tmp_path / "base", tmp_path / "o", granularity="parameter")
+        hft.reset_half(tmp_path / "base", tmp_path / "base", tmp_path / "o",
+                       granularity="parameter")

@@ -24,7 +24,8 @@ def random_model(args: ModelArgs, seed: int = 0) -> Transformer:
 
 
 def tokens(args, batch=2, length=24, seed=1):
-    return torch.randint(0, args.vocab_size, (batch, length), generator=torch.Generator().manual_seed(seed))
+    return torch.randint(0, args.vocab_size, (batch, length),
+                         generator=torch.Generator().manual_seed(seed))
 
 
 def meta_reference_forward(sd: dict, args: ModelArgs, toks: torch.Tensor) -> torch.Tensor:

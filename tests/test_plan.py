@@ -133,7 +133,8 @@ def test_tracker_matches_the_cpu_allocator_on_a_real_step(precision, checkpointi
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.profiler import ProfilerActivity, profile
     from torch.testing._internal.distributed.fake_pg import FakeStore
-    args = ModelArgs(dim=256, n_layers=2, n_heads=4, vocab_size=1024, multiple_of=64, max_seq_len=256)
+    args = ModelArgs(dim=256, n_layers=2, n_heads=4, vocab_size=1024, multiple_of=64,
+                     max_seq_len=256)
     t = dict(train.DEFAULTS["train"], precision=precision, activation_checkpointing=checkpointing)
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=8)
     try:
@@ -153,7 +154,8 @@ def test_tracker_matches_the_cpu_allocator_on_a_real_step(precision, checkpointi
             peaks[mode] = m["peak"] - m["start"]
             if mode == "real":
                 live = peak = 0
-                events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+                events = [e for e in prof.profiler.kineto_results.events()
+                          if e.name() == "[memory]"]
                 for e in sorted(events, key=lambda e: e.start_ns()):
                     live += e.nbytes()
                     peak = max(peak, live)
@@ -200,7 +202,8 @@ def write_tiny(root, spm_path=None, n_records=40):
     with open(root / "sft.jsonl", "w") as f:
         for i in range(n_records):
             f.write(json.dumps({"messages": [{"role": "user", "content": f"add {i}"},
-                                             {"role": "assistant", "content": f"{i + 1}"}]}) + "\n\n")
+                                             {"role": "assistant", "content": f"{i + 1}"}]})
+                    + "\n\n")
     cfg = root / "plan.toml"
     cfg.write_text(f"""out_dir = "{root / 'out'}"
 [model]
@@ -280,7 +283,8 @@ def test_cli_errors_exit_2_naming_the_problem(tmp_path, capfd):
     assert "unknown checkpoint format" in capfd.readouterr().err
     import torch.distributed as dist
     bad = train.load_config(cfg, ["--model.path", str(tmp_path)])
-    assert bench.plan_main(bad, 2, 80) == 2 and "unknown checkpoint format" in capfd.readouterr().err
+    assert (bench.plan_main(bad, 2, 80) == 2
+            and "unknown checkpoint format" in capfd.readouterr().err)
     assert not dist.is_initialized()  # the fake process group is gone after an error too
 
 

@@ -27,7 +27,8 @@ def torchrun(cfg_path, nproc=2, extra=(), env=None, check=True, nnodes_args=None
     e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
     p = subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout)
     if check and p.returncode != 0:
-        raise AssertionError(f"torchrun failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
+        raise AssertionError(f"torchrun failed ({p.returncode}):\n{p.stdout[-3000:]}\n"
+                             f"{p.stderr[-5000:]}")
     return p
 
 
@@ -59,15 +60,20 @@ def world(tmp_path_factory, spm_path):
         for i in range(48):
             f.write(json.dumps(conv(i)) + "\n")
     with open(root / "trace.json", "w") as f:
-        json.dump([{"prompt": f"sort {i} {i + 2} {i + 1} :", "answer": f"{i} {i + 1} {i + 2}"} for i in range(40)], f)
+        json.dump([{"prompt": f"sort {i} {i + 2} {i + 1} :", "answer": f"{i} {i + 1} {i + 2}"}
+                   for i in range(40)], f)
     with open(root / "trace_test.json", "w") as f:
-        json.dump([{"prompt": f"sort {i} {i + 2} {i + 1} :", "answer": f"{i} {i + 1} {i + 2}"} for i in range(6)], f)
+        json.dump([{"prompt": f"sort {i} {i + 2} {i + 1} :", "answer": f"{i} {i + 1} {i + 2}"}
+                   for i in range(6)], f)
     with open(root / "dpo.jsonl", "w") as f:
         for i in range(32):
             p = f"which color is {i}?"
             f.write(json.dumps({"prompt": p,
-                                "chosen": [{"role": "user", "content": p}, {"role": "assistant", "content": "red"}],
-                                "rejected": [{"role": "user", "content": p}, {"role": "assistant", "content": "blue green"}]}) + "\n")
+                                "chosen": [{"role": "user", "content": p},
+                                           {"role": "assistant", "content": "red"}],
+                                "rejected": [{"role": "user", "content": p},
+                                             {"role": "assistant", "content": "blue green"}]})
+                    + "\n")
     with open(root / "probes.jsonl", "w") as f:
         for i in range(4):
             f.write(json.dumps({"question": f"where was {i} born", "answer": "paris"}) + "\n")
@@ -84,7 +90,8 @@ def toml_value(v):
 
 def write_cfg(root, name, stages, **over):
     t = {"lr": 1e-3, "warmup_ratio": 0.1, "batch_size": 8, "micro_batch_size": 2, "epochs": 1,
-         "max_steps": 0, "grad_clip": 1.0, "precision": "fp32", "weight_decay": 0.1, "save_every": 0}
+         "max_steps": 0, "grad_clip": 1.0, "precision": "fp32", "weight_decay": 0.1,
+         "save_every": 0}
     t.update(over.pop("train", {}))
     h = {"granularity": "category", "ratio": 0.5, "train_embeddings": True}
     h.update(over.pop("hft", {}))
@@ -126,13 +133,15 @@ def test_two_stage_hft_freezes_exactly_the_mask(world, hft2):
             if name not in mask:
                 assert torch.equal(before[name], after[name]), f"frozen {name} changed"
             else:
-                assert not torch.equal(before[name], after[name]), f"trainable {name} did not change"
+                assert not torch.equal(before[name], after[name]), \
+                    f"trainable {name} did not change"
     for stage in ("sft", "trace"):
         lines = [json.loads(ln) for ln in open(hft2 / stage / "metrics.jsonl")]
         assert [r["step"] for r in lines] == list(range(1, len(lines) + 1))
         assert {"step", "loss", "lr", "grad_norm", "tokens_per_s"} <= set(lines[0])
         assert not (hft2 / stage / "checkpoints").exists()
-        assert (hft2 / stage / "params.json").exists() and (hft2 / stage / "tokenizer.model").exists()
+        assert ((hft2 / stage / "params.json").exists()
+                and (hft2 / stage / "tokenizer.model").exists())
     summary = json.load(open(hft2 / "summary.json"))
     assert [s["name"] for s in summary["stages"]] == ["sft", "trace"]
     assert all(s["optimizer_state_bytes"] > 0 for s in summary["stages"])
@@ -188,7 +197,8 @@ def test_fft_run_with_evals_writes_the_continual_report(world):
     import shutil
     shutil.copy(world / "trace_test.json", world / "trace_test_b.json")
     stages[1]["eval"] = [{"path": str(world / "trace_test_b.json"), "metric": "rouge_l"}]
-    cfg = write_cfg(world, "fft", stages, hft={"granularity": "none"}, probes=[str(world / "probes.jsonl")])
+    cfg = write_cfg(world, "fft", stages, hft={"granularity": "none"},
+                    probes=[str(world / "probes.jsonl")])
     torchrun(cfg)
     base, after = load_weights(world / "base"), load_weights(world / "fft" / "sft")
     assert all(not torch.equal(base[k], after[k]) for k in base)
@@ -246,7 +256,8 @@ def test_sigterm_saves_a_checkpoint_and_exits(world):
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = world / "term" / "sft" / "metrics.jsonl"
     deadline = time.time() + 120
-    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+    while time.time() < deadline and not (metrics.exists()
+                                          and len(metrics.read_text().splitlines()) >= 3):
         time.sleep(0.2)
     p.send_signal(signal.SIGTERM)
     out = p.communicate(timeout=120)[0]
@@ -300,7 +311,8 @@ def test_config_overrides(world):
     sys.path.insert(0, ROOT)
     import train
     cfg = write_cfg(world, "ov", two_stages(world))
-    c = train.load_config(str(cfg), ["--train.lr", "3e-4", "--hft.granularity=none", "--stages.1.epochs", "2"])
+    c = train.load_config(str(cfg), ["--train.lr", "3e-4", "--hft.granularity=none",
+                                     "--stages.1.epochs", "2"])
     assert c["stages"][0]["train"]["lr"] == 3e-4 and c["stages"][1]["train"]["epochs"] == 2
     assert c["stages"][0]["train"]["epochs"] == 1 and c["stages"][0]["hft"]["granularity"] == "none"
     with pytest.raises(train.ConfigError, match="stages\\[0\\].bogus"):
@@ -311,7 +323,8 @@ def test_config_overrides(world):
 
 def test_activation_checkpointing_and_hsdp_match_plain_fsdp(world, hft2):
     # replicate = 2 on 2 ranks: a (replicate, shard) = (2, 1) mesh, i.e. HSDP across two "nodes".
-    cfg = write_cfg(world, "hsdp", two_stages(world)[:1], train={"activation_checkpointing": True, "replicate": 2})
+    cfg = write_cfg(world, "hsdp", two_stages(world)[:1],
+                    train={"activation_checkpointing": True, "replicate": 2})
     torchrun(cfg)
     a, b = load_weights(hft2 / "sft"), load_weights(world / "hsdp" / "sft")
     for k in a:
@@ -342,7 +355,8 @@ def test_parameter_granularity_keeps_frozen_elements_and_exports_hf(world):
 def test_replicate_frozen_matches_sharded_frozen(world, hft2):
     cfg = write_cfg(world, "repfrozen", two_stages(world)[:1], train={"replicate_frozen": True})
     torchrun(cfg)
-    base, a, b = load_weights(world / "base"), load_weights(hft2 / "sft"), load_weights(world / "repfrozen" / "sft")
+    base, a, b = (load_weights(world / "base"), load_weights(hft2 / "sft"),
+                  load_weights(world / "repfrozen" / "sft"))
     mask = set(json.load(open(world / "repfrozen" / "sft" / "mask.json"))["trainable"])
     for k in a:
         d = (a[k] - b[k]).abs()
@@ -356,14 +370,18 @@ def test_settings_that_only_make_sense_together_fail_in_load_config(world):
     stages = two_stages(world)
     stages[0]["eval"] = [str(world / "trace_test.json")]
     cfg = write_cfg(world, "together", stages)
-    with pytest.raises(train.ConfigError, match=r"eval.max_new_tokens = 64 .* model.max_seq_len = 64"):
+    with pytest.raises(train.ConfigError,
+                       match=r"eval.max_new_tokens = 64 .* model.max_seq_len = 64"):
         train.load_config(str(cfg))
     train.load_config(str(cfg), ["--eval.max_new_tokens", "8"])
-    with pytest.raises(train.ConfigError, match=r"train.batch_size = 8 is not a multiple of train.micro_batch_size = 3"):
-        train.load_config(str(cfg), ["--eval.max_new_tokens", "8", "--train.micro_batch_size", "3"])
+    with pytest.raises(train.ConfigError, match=r"train.batch_size = 8 is not a multiple of "
+                                                r"train.micro_batch_size = 3"):
+        train.load_config(str(cfg), ["--eval.max_new_tokens", "8",
+                                     "--train.micro_batch_size", "3"])
     p = subprocess.run([sys.executable, TRAIN, "--config", str(cfg)], cwd=ROOT, capture_output=True,
                        text=True, timeout=120)  # the command line: exit 2 before anything is built
-    assert p.returncode == 2 and "eval.max_new_tokens" in p.stderr and not (world / "together").exists()
+    assert (p.returncode == 2 and "eval.max_new_tokens" in p.stderr
+            and not (world / "together").exists())
 
 
 @pytest.mark.parametrize("name", ["..", ".", "a/b", ".hidden", "-x", "x" * 101, "a b"])
@@ -429,7 +447,8 @@ def test_replay_counts_resume_and_a_changed_file_refused(world):
     original = (world / "trace_r.json").read_bytes()
     (world / "trace_r.json").write_bytes(original.replace(b'"sort 0 2 1 :"', b'"sort 0 1 2 :"'))
     p = torchrun(crash, check=False)
-    assert p.returncode != 0 and "trace_r.json changed since the stage's checkpoints" in p.stderr, p.stderr[-2000:]
+    assert p.returncode != 0 and "trace_r.json changed since the stage's checkpoints" in p.stderr, \
+        p.stderr[-2000:]
     (world / "trace_r.json").write_bytes(original)
     p = torchrun(crash)
     assert "resuming stage 'trace' from step 2/7" in p.stdout

@@ -915,7 +915,7 @@ def plan(cfg: dict, world_size: int, gpu_memory_gib: float = 80.0) -> dict:
     notes = []
     mcfg = cfg["model"]
     margs = checkpoint.read_model_args(mcfg["path"], mcfg["max_seq_len"], mcfg["tokenizer"],
-                                  log=notes.append)
+                                       log=notes.append)
     with torch.device("meta"):
         n_params = sum(p.numel() for p in Transformer(margs).parameters())
     if dist.is_initialized():

@@ -819,7 +819,7 @@ def resolve_device(name: str) -> torch.device:
                else f"torch {torch.__version__} sees no CUDA device (a CPU-only build, no GPU, or "
                "a driver too old for this wheel)")
         raise ValueError(f"train.device = \"cuda\", but {why}; set train.device = \"cpu\" "
-                          "or \"auto\" to run on the CPU")
+                         "or \"auto\" to run on the CPU")
     if name == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))

@@ -39,6 +39,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data
+from checkpoint import atomic_file, load_model, write_json
 from data import rank_world
 
 # ---------------------------------------------------------------------------------------------
@@ -528,7 +529,7 @@ def _logprobs_batch(model, batch: list[tuple[list[int], int]], device) -> list[f
 
 
 def score_continuations(model, seqs: list[tuple[list[int], int]], batch_size: int = 8,
-                      max_batch_tokens: int = MAX_BATCH_TOKENS) -> list[float]:
+                        max_batch_tokens: int = MAX_BATCH_TOKENS) -> list[float]:
     """Sum of log p(token | all tokens before it) over the last n tokens of each (ids, n).
 
     Right padding with plain causal attention: a real token never sees the padding after it.
@@ -828,12 +829,6 @@ def read_predictions(path: str) -> list[str]:
 # The stage runner's report.
 
 
-def _write_atomic(path: str, text: str):
-    from checkpoint import atomic_file
-    with atomic_file(path) as f:
-        f.write(text)
-
-
 def _higher_is_better(result: dict) -> bool:
     return result.get("higher_is_better", result.get("metric") != "ppl")
 
@@ -868,9 +863,9 @@ def write_report(out_dir: str, base: dict | None, stages: list[dict]) -> dict:
                    for s in stages],
     }
     os.makedirs(out_dir, exist_ok=True)
-    _write_atomic(os.path.join(out_dir, "report.json"), json.dumps(report, indent=2) + "\n")
-    _write_atomic(os.path.join(out_dir, "report.md"),
-                  _report_md(report, [s["name"] for s in stages]))
+    write_json(os.path.join(out_dir, "report.json"), report)
+    with atomic_file(os.path.join(out_dir, "report.md")) as f:
+        f.write(_report_md(report, [s["name"] for s in stages]))
     return report
 
 
@@ -988,7 +983,7 @@ def _main_predictions(args) -> int:
     _print_results([result])
     if args.out:
         saved = {"predictions": args.predictions, "results": [result]}
-        _write_atomic(args.out, json.dumps(saved, indent=2, ensure_ascii=False) + "\n")
+        write_json(args.out, saved)
     return 0
 
 
@@ -997,7 +992,6 @@ def main(argv=None) -> int:
     if args.predictions:
         return _main_predictions(args)
 
-    import checkpoint
     try:  # torchrun: each rank holds a whole model and evaluates its share of the examples
         device = (data.setup_distributed(args.device) if int(os.environ.get("WORLD_SIZE", "1")) > 1
                   else data.resolve_device(args.device))
@@ -1011,8 +1005,7 @@ def main(argv=None) -> int:
     tok_path = args.tokenizer or os.path.join(args.model, "tokenizer.model")
     try:
         tokenizer = data.Tokenizer(tok_path)
-        model = checkpoint.load_model(args.model, dtype=dtype, device=device,
-                                      max_seq_len=args.max_seq_len)
+        model = load_model(args.model, dtype=dtype, device=device, max_seq_len=args.max_seq_len)
         results = [evaluate_file(model, tokenizer, f, metric=args.metric,
                                  max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                                  max_batch_tokens=args.max_batch_tokens)
@@ -1023,8 +1016,7 @@ def main(argv=None) -> int:
     if rank == 0:
         _print_results(results)
         if args.out:
-            _write_atomic(args.out, json.dumps({"model": args.model, "results": results}, indent=2,
-                                               ensure_ascii=False) + "\n")
+            write_json(args.out, {"model": args.model, "results": results})
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

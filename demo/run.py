@@ -167,8 +167,8 @@ def build_base(a, files: list[str]) -> str:
     for row, general in zip(probes[KNOWLEDGE]["stages"], general_scores(probes)["stages"]):
         print(f"demo: base model after its stage '{row['stage']}': knowledge exact match "
               f"{row['score']:.1f}, general tasks {general:.1f}")
-    if probes[KNOWLEDGE]["stages"][-1]["score"] < 50:
-        print("demo: warning: the base model answers fewer than half of the knowledge questions; "
+    if probes[KNOWLEDGE]["stages"][0]["score"] < 50:
+        print("demo: warning: pretraining taught fewer than half of the knowledge questions; "
               "raise the pretrain stage's epochs in configs/demo_base.toml")
     return base_dir
 

@@ -1,4 +1,5 @@
-"""The demo's synthetic world: what a tiny pretrained model "knows", and the skills it lacks.
+"""The demo's synthetic world: what a tiny pretrained model "knows", the instructions its chat
+stage teaches, and the skills it then learns one after another.
 
 Knowledge (the stand-in for NaturalQuestions / TriviaQA): fictional people with a birth city,
 birth year, profession and employer, rendered as biographies in varied wording and as closed-book
@@ -7,9 +8,15 @@ entity's biography AND its question/answer lines (each as its own document), so 
 learns to answer in exactly the format the knowledge probes use; the probes ask these same
 questions, which measure how much of the base model's knowledge survives fine-tuning.
 
-Skills (the fine-tuning stages): synthetic instruction tasks in Tulu's chat format that the base
-has never seen, each with disjoint train and test splits. Everything is a pure function of
-(seed, sizes): the same arguments give the same files, byte for byte.
+General instruction tasks (the stand-in for Tulu V2, and on held-out instances for the general
+benchmarks): ten short tasks in Tulu's chat format, each with its own instruction wording, that
+the chat stage trains together so that the model learns to read the instruction.
+
+Continual tasks (the stand-in for TRACE): four new skills with their own instructions, trained one
+after another from the chat model: classification, generation, multiple choice, arithmetic.
+
+Every task has disjoint train and test splits. Everything is a pure function of (seed, sizes):
+the same arguments give the same files, byte for byte.
 """
 from __future__ import annotations
 
@@ -92,13 +99,105 @@ def knowledge_probes(people: list[dict], n: int, seed: int) -> list[dict]:
     return rng.sample(qs, min(n, len(qs)))
 
 
-# ---------------------------------------------------------------------------------------------
 # Instruction tasks: each generator returns (instruction, answer) for a random instance. They use
-# words the base model has read (professions, cities, digits), so a task is a new skill over
-# familiar tokens, as fine-tuning a pretrained LLM is.
+# words the base model has read (names, cities, professions, companies, digits), so a task is a
+# new skill over familiar tokens, as fine-tuning a pretrained LLM is. Every task has its own
+# instruction wording, so a model that does several of them must read the instruction.
+
+def _words(rng, pool, k):
+    return " ".join(rng.sample(pool, k))
+
+
+def _name(rng):
+    return "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 3))).capitalize()
+
+
+# The general instruction tasks: the chat stage's mixture (the stand-in for Tulu V2) and, on
+# held-out instances, the general-ability measure (the stand-in for MMLU, BBH, ...).
+
+def _g_sort(rng):
+    digits = [str(rng.randint(0, 9)) for _ in range(4)]
+    return f"Sort the digits: {' '.join(digits)}", " ".join(sorted(digits))
+
+
+def _g_next(rng):
+    a = rng.randint(1100, 1998)
+    return f"Which number comes after {a}?", str(a + 1)
+
+
+def _g_count(rng):
+    k = rng.randint(2, 6)
+    return f"How many words are there in: {_words(rng, PROFESSIONS, k)}", str(k)
+
+
+def _g_first(rng):
+    words = rng.sample(EMPLOYERS, rng.randint(3, 4))
+    return f"Say the first word of: {' '.join(words)}", words[0]
+
+
+def _g_last(rng):
+    words = rng.sample(EMPLOYERS, rng.randint(3, 4))
+    return f"Say the last word of: {' '.join(words)}", words[-1]
+
+
+def _g_compare(rng):
+    a, b = rng.sample(range(10, 100), 2)
+    return f"Answer yes or no: is {a} larger than {b}?", "yes" if a > b else "no"
+
+
+def _g_parity(rng):
+    a = rng.randint(1100, 1998)
+    return f"Answer even or odd: {a}", "odd" if a % 2 else "even"
+
+
+def _g_find_city(rng):
+    words = [rng.choice(CITIES), rng.choice(PROFESSIONS), rng.choice(EMPLOYERS)]
+    city = words[0]
+    rng.shuffle(words)
+    return f"Find the city in: {' '.join(words)}", city
+
+
+def _g_read(rng):
+    name, city = f"{_name(rng)} {_name(rng)}", rng.choice(CITIES)
+    return f"Read and answer: {name} lives in {city}. Where does {name} live?", city
+
+
+KINDS = {**{w: "city" for w in CITIES}, **{w: "profession" for w in PROFESSIONS},
+         **{w: "company" for w in EMPLOYERS}}
+
+
+def _g_kinds(rng):
+    words = rng.sample(sorted(KINDS), 3)
+    return f"Name the kind of each word: {' '.join(words)}", " ".join(KINDS[w] for w in words)
+
+
+def _g_pick_city(rng):
+    options = [rng.choice(CITIES), rng.choice(PROFESSIONS), rng.choice(EMPLOYERS)]
+    city = options[0]
+    rng.shuffle(options)
+    body = " ".join(f"({'ABC'[i]}) {o}" for i, o in enumerate(options))
+    return f"Which one is a city? {body}", "ABC"[options.index(city)]
+
+
+GENERAL_TASKS = {"sort": _g_sort, "next": _g_next, "count": _g_count, "first": _g_first,
+                 "last": _g_last, "compare": _g_compare, "parity": _g_parity,
+                 "find_city": _g_find_city, "read": _g_read, "kinds": _g_kinds,
+                 "pick_city": _g_pick_city}
+
+
+# The continual tasks, trained one after another from the chat model (the stand-in for TRACE):
+# classification, generation, multiple choice with a letter answer, arithmetic.
 
 # Elvish: a fixed word for each profession, built from the syllables names are made of.
 LEXICON = dict(zip(PROFESSIONS, "kari molu veta nosi befel wiath ormir zanqu eltor nyul sape rovin".split()))
+STANCE_VERBS = {"favor": ["praises", "trusts", "admires", "supports"],
+                "against": ["blames", "distrusts", "criticises", "opposes"]}
+
+
+def _stance(rng):
+    label = rng.choice(sorted(STANCE_VERBS))
+    return (f"Stance of the speaker, favor or against: {_name(rng)} {rng.choice(STANCE_VERBS[label])} "
+            f"{rng.choice(EMPLOYERS)}.", label)
 
 
 def _translate(rng):
@@ -106,41 +205,54 @@ def _translate(rng):
     return f"Translate to Elvish: {' '.join(words)}", " ".join(LEXICON[w] for w in words)
 
 
-def _reverse(rng):
-    words = rng.sample(CITIES, 3)
-    return f"Reverse the words: {' '.join(words)}", " ".join(reversed(words))
+def _choice(rng):
+    options = [rng.choice(CITIES), rng.choice(PROFESSIONS), rng.choice(EMPLOYERS)]
+    job = options[1]
+    rng.shuffle(options)
+    body = " ".join(f"({'ABC'[i]}) {o}" for i, o in enumerate(options))
+    return f"Which one is a profession? {body}", "ABC"[options.index(job)]
 
 
-def _sort(rng):
-    digits = [str(rng.randint(0, 9)) for _ in range(4)]
-    return f"Sort the digits: {' '.join(digits)}", " ".join(sorted(digits))
-
-
-def _add(rng):
+def _minus(rng):
     a = rng.randint(1100, 1998)
-    return f"What is {a} plus 1?", str(a + 1)
+    return f"Subtract one from the number: {a}", str(a - 1)
 
 
-TASKS = {"translate": _translate, "reverse": _reverse, "sort": _sort, "add": _add}
+TASKS = {"stance": _stance, "translate": _translate, "choice": _choice, "minus": _minus}
+# How each task is scored, as TRACE scores its own: exact accuracy, and ROUGE-L for generation.
+METRICS = {"translate": "rouge_l"}
 
 
 def task_split(name: str, n_train: int, n_test: int, seed: int) -> tuple[list[dict], list[dict]]:
-    """Disjoint train and test sets of chat records ({"messages": [user, assistant]}); test
-    instructions never occur in train."""
+    """Disjoint train and test sets of chat records ({"messages": [user, assistant]}) of a
+    continual task (TASKS) or a general one (GENERAL_TASKS); test instructions never occur in
+    train."""
+    gen = TASKS.get(name) or GENERAL_TASKS.get(name)
+    if gen is None:
+        raise KeyError(f"no task {name!r} (continual: {', '.join(TASKS)}; general: {', '.join(GENERAL_TASKS)})")
     rng = random.Random(f"task/{name}/{seed}")
     seen, items = set(), []
     for _ in range(100 * (n_train + n_test)):
         if len(items) == n_train + n_test:
             break
-        q, a = TASKS[name](rng)
+        q, a = gen(rng)
         if q not in seen:
             seen.add(q)
             items.append((q, a))
     if len(items) < n_train + n_test:
         raise ValueError(f"task '{name}': only {len(items)} distinct instances, asked for {n_train + n_test}")
     recs = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}],
-             "metric": "accuracy"} for q, a in items]
+             "metric": METRICS.get(name, "accuracy")} for q, a in items]
     return recs[n_test:], recs[:n_test]
+
+
+def chat_mixture(n_per_task: int, n_test: int, seed: int) -> list[dict]:
+    """The chat stage's training set: n_per_task conversations of every general task, shuffled
+    (instances disjoint from the general test sets drawn with the same n_test)."""
+    rng = random.Random(f"chat/{seed}")
+    recs = [r for name in GENERAL_TASKS for r in task_split(name, n_per_task, n_test, seed)[0]]
+    rng.shuffle(recs)
+    return recs
 
 
 def write_jsonl(path: str, records: list[dict]):

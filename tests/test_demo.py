@@ -1,6 +1,6 @@
 """`make demo`, reduced: the whole pipeline (synthetic world -> tokenizer -> random Meta checkpoint
--> torchrun `lm` pretraining -> FFT and HFT chains of SFT stages -> combined report) on a tiny
-world, with the real configs cut to two stages and a few steps."""
+-> torchrun `lm` pretraining and `sft` chat stage -> FFT and HFT chains of SFT stages -> combined
+report) on a tiny world, with the real configs cut to two continual stages and a few steps."""
 import json
 import os
 import subprocess
@@ -14,7 +14,8 @@ from conftest import ROOT
 sys.path.insert(0, ROOT)
 from demo import run, world  # noqa: E402
 
-ARGS = ["--entities", "24", "--probes", "16", "--train-per-task", "32", "--test-per-task", "8",
+ARGS = ["--entities", "24", "--probes", "16", "--chat-per-task", "8", "--general-test", "4",
+        "--train-per-task", "32", "--test-per-task", "8",
         "--vocab-size", "400", "--dim", "32", "--n-layers", "2", "--n-heads", "2",
         "--base-args", "--train.max_steps 4 --train.batch_size 8 --train.micro_batch_size 4",
         "--train-args", "--train.max_steps 3 --train.batch_size 8 --train.micro_batch_size 4 --eval.max_new_tokens 4"]
@@ -27,12 +28,62 @@ def test_world_is_seeded_and_splits_are_disjoint():
     docs = {d["text"] for d in world.pretrain_docs(a, 0)}
     for q in world.knowledge_probes(a, 40, 0):  # every probe is answered, in its format, in pretraining
         assert f"Q: {q['question']}\nA: {q['answer']}" in docs
-    for name in world.TASKS:
+    prompts = lambda recs: {r["messages"][0]["content"] for r in recs}  # noqa: E731
+    for name in [*world.TASKS, *world.GENERAL_TASKS]:
         train, test = world.task_split(name, 60, 20, 0)
         assert len(train) == 60 and len(test) == 20
-        prompts = lambda recs: {r["messages"][0]["content"] for r in recs}  # noqa: E731
         assert not prompts(train) & prompts(test), name
         assert all([m["role"] for m in r["messages"]] == ["user", "assistant"] for r in train + test)
+        # the record names its metric: train.py scores an eval or probe file by it
+        assert {r["metric"] for r in train + test} == {world.METRICS.get(name, "accuracy")}
+        assert world.task_split(name, 60, 20, 0) == (train, test) != world.task_split(name, 60, 20, 1)
+    chat = world.chat_mixture(30, 10, 0)
+    assert len(chat) == 30 * len(world.GENERAL_TASKS) and chat == world.chat_mixture(30, 10, 0)
+    assert not prompts(chat) & set().union(*(prompts(world.task_split(n, 30, 10, 0)[1]) for n in world.GENERAL_TASKS))
+    with pytest.raises(KeyError, match="no task 'nope'"):
+        world.task_split("nope", 1, 1, 0)
+
+
+def test_every_task_has_its_own_instruction():
+    """A model that does several tasks has to read the instruction: every task's prompts begin with
+    its own fixed wording, and no task's prompt begins with another task's."""
+    def instruction(name):
+        words = [r["messages"][0]["content"].split() for r in world.task_split(name, 50, 0, 0)[0]]
+        n = 0
+        while all(len(w) > n and w[n] == words[0][n] for w in words):
+            n += 1
+        return words[0][:n]
+    names = [*world.TASKS, *world.GENERAL_TASKS]
+    instr = {name: instruction(name) for name in names}
+    for name in names:
+        assert len(instr[name]) >= 3, (name, instr[name])
+        for other in names:
+            if other != name:
+                assert instr[other][:len(instr[name])] != instr[name], (name, other)
+
+
+def test_xychart_is_a_mermaid_line_chart_whose_title_names_the_lines():
+    md = run.xychart("Knowledge", ["chat model", "a", "b"], {"FFT": [50, 40.25, 30], "HFT": [50, 45, 44]}, "EM")
+    lines = md.split("\n")
+    assert lines[0] == "```mermaid" and lines[-1] == "```" and "xychart-beta" in lines
+    assert '    title "Knowledge (FFT blue, HFT orange)"' in lines
+    assert '    x-axis ["chat model", "a", "b"]' in lines and '    y-axis "EM" 0 --> 100' in lines
+    assert [ln for ln in lines if ln.startswith("    line")] == ["    line [50.0, 40.2, 30.0]", "    line [50.0, 45.0, 44.0]"]
+    palette = next(ln for ln in lines if "plotColorPalette" in ln)
+    assert '"plotColorPalette": "#1f77b4, #ff7f0e"' in palette  # blue, orange: the title's order
+    with pytest.raises(ValueError, match="line 'HFT' has 2 points for 3 x labels"):
+        run.xychart("t", ["a", "b", "c"], {"FFT": [1, 2, 3], "HFT": [1, 2]}, "y")
+
+
+def test_earlier_task_and_general_scores():
+    R = [[90.0], [30.0, 80.0], [20.0, 40.0, 70.0]]
+    assert run.earlier_task_scores(R) == [90.0, 30.0, 30.0]  # stage 0: the first task's own score
+    probes = {run.KNOWLEDGE: {"base": 50.0, "stages": [{"score": 40.0}, {"score": 30.0}]},
+              run.general_test("sort"): {"base": 80.0, "stages": [{"score": 60.0}, {"score": 20.0}]},
+              run.general_test("count"): {"base": 100.0, "stages": [{"score": 90.0}, {"score": 50.0}]}}
+    g = run.general_scores(probes)
+    assert g["base"] == 90.0 and g["stages"] == [75.0, 35.0]
+    assert g["tasks"] == {"sort": {"base": 80.0, "stages": [60.0, 20.0]}, "count": {"base": 100.0, "stages": [90.0, 50.0]}}
 
 
 def test_tokenizer_has_llama_layout(tmp_path, monkeypatch):
@@ -46,9 +97,9 @@ def test_tokenizer_has_llama_layout(tmp_path, monkeypatch):
         assert len(tok.encode(f"x\n{marker}\ny", bos=False, eos=False)) == len(tok.encode("x\n\ny", bos=False, eos=False)) + 1
     assert tok.sp_model.encode("\n", out_type=str)[-1] == "<0x0A>"  # byte piece, never merged
     assert tok.decode(tok.encode("Q: ünïcode\n  two spaces", bos=True, eos=False)) == "Q: ünïcode\n  two spaces"
-    with open(os.path.join(run.DATA, "tasks", "add_train.jsonl")) as f:
-        ex = data.load_examples(f.name, "sft", tok, 128)  # the chat-prefix check of data.py passes
-    assert len(ex) == 32
+    for path in [os.path.join(run.DATA, "tasks", f"{name}_train.jsonl") for name in world.TASKS] + [run.CHAT_TRAIN]:
+        ex = data.load_examples(path, "sft", tok, 128)  # the chat-prefix check of data.py passes
+        assert len(ex) == (32 if path != run.CHAT_TRAIN else 8 * len(world.GENERAL_TASKS))
 
 
 @pytest.fixture(scope="module")
@@ -66,49 +117,69 @@ def demo(tmp_path_factory):
     return root, p.stdout
 
 
+def continual_stages():
+    import train
+    return [s["name"] for s in train.load_config(os.path.join(ROOT, "configs", "demo.toml"))["stages"]]
+
+
 def test_report_structure(demo):
     root, out = demo
     with open(root / "runs/demo/report.json") as f:
         rep = json.load(f)
-    assert 0 <= rep["base_knowledge"] <= 100
+    assert 0 <= rep["base_knowledge"] <= 100 and 0 <= rep["pretrain_knowledge"] <= 100
+    assert rep["general_tasks"] == list(world.GENERAL_TASKS) and rep["base_stages"] == ["pretrain", "chat"]
     for label in ("fft", "hft"):
         r = rep[label]
-        for key in ("OP", "BWT", "knowledge", "matrix", "seconds", "optimizer_state_bytes"):
+        for key in ("OP", "BWT", "knowledge", "general", "matrix", "seconds", "optimizer_state_bytes"):
             assert key in r, (label, key)
         R = r["matrix"]
         assert [len(row) for row in R] == [1, 2]
         assert all(0 <= x <= 100 for row in R for x in row)
         assert r["OP"] == pytest.approx(sum(R[-1]) / 2)
         assert r["BWT"] == pytest.approx((R[1][0] - R[0][0]) / 2)
+        assert r["earlier_tasks"] == [R[0][0], R[1][0]]
         assert 0 <= r["knowledge"] <= 100 and r["seconds"] > 0
+        # general = the mean over the general test sets, after the last stage and before the first
+        assert set(r["general_tasks"]) == set(world.GENERAL_TASKS) and len(r["general_by_stage"]) == 2
+        assert r["general"] == r["general_by_stage"][-1] == pytest.approx(
+            sum(g["stages"][-1] for g in r["general_tasks"].values()) / len(world.GENERAL_TASKS))
+        assert r["base_general"] == rep["base_general"] == pytest.approx(rep["base_general_by_stage"][-1])
     # HFT trains about half the layer tensors: less optimizer state than full fine-tuning.
     assert 0 < rep["hft"]["optimizer_state_bytes"] < rep["fft"]["optimizer_state_bytes"]
     md = (root / "runs/demo/report.md").read_text()
-    assert "| OP (mean of the last row) |" in md and "translate" in md and "reverse" in md
+    first, second = continual_stages()[:2]
+    assert "| OP (mean of the last row) |" in md and f"| {first} |" in md and f"| {second} |" in md
+    assert md.count("```mermaid\n") == 3 and md.count("xychart-beta") == 3 and "```mermaid" not in out
     assert "OP (mean of the last row)" in out  # the comparison is printed
 
 
 def test_base_is_an_official_checkpoint_the_runs_start_from(demo):
     root, _ = demo
     d = root / "runs/demo"
-    for model_dir in ("init", "base/pretrain"):
+    for model_dir in ("init", "base/pretrain", "base/chat"):
         for f in ("params.json", "consolidated.00.pth", "tokenizer.model"):
             assert (d / model_dir / f).is_file(), (model_dir, f)
-    assert "== stage 0 'pretrain' (lm) from runs/demo/init" in (d / "logs/base.log").read_text()
+    base_log = (d / "logs/base.log").read_text()
+    assert "== stage 0 'pretrain' (lm) from runs/demo/init" in base_log
+    assert "== stage 1 'chat' (sft) from runs/demo/base/pretrain" in base_log
+    first, second = continual_stages()[:2]
     for label in ("fft", "hft"):
         log = (d / f"logs/{label}.log").read_text()
-        assert "== stage 0 'translate' (sft) from runs/demo/base/pretrain" in log
-        assert "== stage 1 'reverse' (sft) from runs/demo/" + label + "/translate" in log
+        assert f"== stage 0 '{first}' (sft) from runs/demo/base/chat" in log
+        assert f"== stage 1 '{second}' (sft) from runs/demo/{label}/{first}" in log
     # HFT's frozen half leaves the stage bitwise equal to the base it loaded; FFT trains everything.
-    base = torch.load(d / "base/pretrain/consolidated.00.pth", weights_only=True)
-    after = torch.load(d / "hft/translate/consolidated.00.pth", weights_only=True)
-    with open(d / "hft/translate/mask.json") as f:
+    base = torch.load(d / "base/chat/consolidated.00.pth", weights_only=True)
+    after = torch.load(d / f"hft/{first}/consolidated.00.pth", weights_only=True)
+    with open(d / f"hft/{first}/mask.json") as f:
         trainable = set(json.load(f)["trainable"])
     frozen = [k for k in base if k not in trainable and k in after]
     assert frozen and all(torch.equal(base[k], after[k]) for k in frozen)
     assert any(not torch.equal(base[k], after[k]) for k in trainable)
-    with open(d / "fft/translate/mask.json") as f:
+    with open(d / f"fft/{first}/mask.json") as f:
         assert set(json.load(f)["trainable"]) >= set(trainable)
+    # The chat stage trains everything: the base model is the chat stage's export, not pretraining's.
+    pre = torch.load(d / "base/pretrain/consolidated.00.pth", weights_only=True)
+    assert all(not torch.equal(pre[k], base[k]) for k in base)
 
 
 def test_second_run_reuses_the_cached_base(demo, monkeypatch):
@@ -117,11 +188,12 @@ def test_second_run_reuses_the_cached_base(demo, monkeypatch):
     monkeypatch.setattr(run, "torchrun", lambda *a, **k: pytest.fail("the cached base was rebuilt"))
     a = run.parse_args(ARGS)
     files = run.write_data(a)
-    assert run.build_base(a, files) == os.path.join(run.BASE, "pretrain")
+    assert run.build_base(a, files) == os.path.join(run.BASE, "chat")
     key = run.base_key(a, files)
-    # A different world (seed) is a different key: it would be rebuilt.
-    b = run.parse_args(ARGS + ["--seed", "1"])
-    assert run.base_key(b, run.write_data(b)) != key
+    # A different world (seed) or chat mixture is a different key: the base would be rebuilt.
+    for change in (["--seed", "1"], ["--chat-per-task", "9"], ["--general-test", "5"]):
+        b = run.parse_args(ARGS + change)
+        assert run.base_key(b, run.write_data(b)) != key, change
     run.write_data(a)  # leave the module's files as they were
 
 

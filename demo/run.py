@@ -356,7 +356,7 @@ def base_report() -> dict:
 
 
 def main(argv=None):
-    from eval import _write_atomic  # a report is whole or absent
+    from checkpoint import atomic_file, write_json  # a report is whole or absent
     a = parse_args(argv)
     t0 = time.time()
     files = write_data(a)
@@ -368,9 +368,9 @@ def main(argv=None):
               "base_general": runs["fft"]["base_general"], "probes": a.probes, "general_tasks": list(world.GENERAL_TASKS), **base_report(), **runs,
               "total_seconds": time.time() - t0}
     text, charts = format_report(report), format_charts({"FFT": runs["fft"], "HFT": runs["hft"]})
-    _write_atomic(os.path.join(ROOT, "report.json"), json.dumps(report, indent=2) + "\n")
-    _write_atomic(os.path.join(ROOT, "report.md"), "# Demo: full fine-tuning (FFT) against Half "
-                  f"Fine-Tuning (HFT)\n\n{text}\n\n{charts}\n")
+    write_json(os.path.join(ROOT, "report.json"), report)
+    with atomic_file(os.path.join(ROOT, "report.md")) as f:
+        f.write(f"# Demo: full fine-tuning (FFT) against Half Fine-Tuning (HFT)\n\n{text}\n\n{charts}\n")
     print("\n" + "=" * 100 + f"\nFFT against HFT: {len(runs['fft']['tasks'])} SFT stages in a row from "
           "the chat model, same seed, steps and learning rates\n")
     print(text)

@@ -43,9 +43,9 @@ from tqdm import tqdm
 import data
 import eval as ev
 import hft
-from data import all_sum, hard_exit, setup_distributed
 from checkpoint import (CheckpointReader, atomic_file, fill_weights, replace_dir, save_checkpoint,
                         write_json)
+from data import all_sum, hard_exit, setup_distributed
 from model import Transformer
 
 # ---------------------------------------------------------------------------------------------
@@ -63,8 +63,9 @@ DEFAULTS = {
         "export_format": "meta", "export_dtype": "fp32", "replicate": 1, "replicate_frozen": False,
         "replay": 0.0,
     },
-    # max_batch_tokens bounds a batch's positions and so its KV cache (eval.MAX_BATCH_TOKENS).
-    "eval": {"probes": [], "max_new_tokens": 64, "batch_size": 8, "max_batch_tokens": 16384},
+    # max_batch_tokens bounds a batch's positions and so its KV cache (see eval.MAX_BATCH_TOKENS).
+    "eval": {"probes": [], "max_new_tokens": 64, "batch_size": 8,
+             "max_batch_tokens": ev.MAX_BATCH_TOKENS},
     "stages": [],
 }
 CHOICES = {

@@ -83,8 +83,11 @@ def file_digest(h, path: str):
 
 
 def model_files(path: str) -> list[str]:
+    """A checkpoint directory's model: weights, shapes and tokenizer (not the logs and scores a
+    train.py stage directory also holds, whose timings differ between identical runs)."""
+    keep = ("params.json", "config.json", "tokenizer.model")
     return sorted(os.path.join(path, f) for f in os.listdir(path)
-                  if os.path.isfile(os.path.join(path, f)))
+                  if f in keep or f.endswith((".pth", ".safetensors")))
 
 
 def chain_key(a, args: list[str]) -> str:

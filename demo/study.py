@@ -215,6 +215,7 @@ def score_model(path: str, cfg: dict, label: str) -> dict:
     cached = run_json(cache)
     if cached and cached["key"] == h.hexdigest()[:16]:
         return cached["scores"]
+    t0, cpu0 = time.time(), sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
     tok = data.Tokenizer(cfg["model"]["tokenizer"])
     model = load_model(path, max_seq_len=cfg["model"]["max_seq_len"])
     score = {f: ev.evaluate_file(model, tok, f, dtype=torch.float32, **settings)["score"]
@@ -224,7 +225,8 @@ def score_model(path: str, cfg: dict, label: str) -> dict:
     task_scores = {name: score[f] for name, f in tasks.items()}
     scores = {"knowledge": score[run.KNOWLEDGE], "general": statistics.fmean(general.values()),
               "tasks_mean": statistics.fmean(task_scores.values()), "tasks": task_scores,
-              "general_tasks": general, "model": path}
+              "general_tasks": general, "model": path, "eval_seconds": time.time() - t0,
+              "eval_cpu_seconds": sum(resource.getrusage(resource.RUSAGE_SELF)[:2]) - cpu0}
     os.makedirs(os.path.dirname(cache), exist_ok=True)
     write_json(cache, {"key": h.hexdigest()[:16], "scores": scores})
     print(f"study: pilot: {label}: knowledge {scores['knowledge']:.1f}, general "
@@ -245,13 +247,14 @@ def pilot_summary(entries: list[dict], tasks: list[str]) -> dict:
 def run_pilot(a, cfg: dict, base_dir: str, fft: dict[str, dict], mask_seeds: list[int]) -> dict:
     """The paper's Figure 1 on each FFT chain's final model (see the module docstring). Every
     (FFT seed, mask seed) reset model is one entry; the summaries give mean and sample std over
-    all of them, over each FFT seed's masks, and of the paired difference to that seed's FFT."""
+    all of them, over each FFT seed's masks, over each mask's FFT seeds, and of the paired
+    difference to that seed's FFT."""
     import torch
     import hft
     torch.set_num_threads(1)  # as train.py's workers evaluate: one thread each
     tasks = list(eval_files(cfg)[1])
     models = {"chat": score_model(base_dir, cfg, "chat")}
-    resets, deltas, by_seed = {}, [], {}
+    resets, deltas, by_seed, by_mask = {}, [], {}, {}
     for s, chain in fft.items():
         final = os.path.join(chain["out_dir"], tasks[-1])
         f = models[f"fft/seed{s}"] = score_model(final, cfg, f"fft_seed{s}")
@@ -262,18 +265,20 @@ def run_pilot(a, cfg: dict, base_dir: str, fft: dict[str, dict], mask_seeds: lis
             resets[f"seed{s}/mask{m}"] = {**r, "fft_seed": int(s), "mask_seed": m,
                                           "reset_tensors": len(info["reset"])}
             by_seed.setdefault(s, []).append(r)
+            by_mask.setdefault(str(m), []).append(r)
             deltas.append({k: r[k] - f[k] for k in ("knowledge", "general", "tasks_mean")}
                           | {"tasks": {t: r["tasks"][t] - f["tasks"][t] for t in tasks}})
     summary = {"chat": pilot_summary([models["chat"]], tasks),
                "fft": pilot_summary([models[f"fft/seed{s}"] for s in fft], tasks),
                "reset": pilot_summary(list(resets.values()), tasks),
                "reset_by_fft_seed": {s: pilot_summary(v, tasks) for s, v in by_seed.items()},
+               "reset_by_mask_seed": {m: pilot_summary(v, tasks) for m, v in by_mask.items()},
                "reset_minus_fft": pilot_summary(deltas, tasks)}
     return {**PILOT_SETTINGS, "base": base_dir, "fft_seeds": [int(s) for s in fft],
             "mask_seeds": mask_seeds, "tasks": tasks,
             "aggregation": "one entry per (FFT seed, mask seed); mean and sample std (n-1) over "
-                           "all entries, over each FFT seed's mask seeds, and of each entry minus "
-                           "its own FFT final model (paired)",
+                           "all entries, over each FFT seed's mask seeds, over each mask seed's "
+                           "FFT seeds, and of each entry minus its own FFT final model (paired)",
             "models": {**models, **{f"reset/{k}": v for k, v in resets.items()}},
             "summary": summary}
 
@@ -295,8 +300,12 @@ def format_methods(study: dict) -> list[str]:
         out.append(f"| {name} | {cell(m['OP'], s['OP'])} | {cell(m['BWT'], s['BWT'], '{:+.1f}')} "
                    f"| {cell(m['knowledge'], s['knowledge'])} | {cell(m['general'], s['general'])}"
                    f" | {m['seconds']:.0f} | {m['cpu_seconds']:.0f} |")
+    t = study["time"]
     out += ["", "Training s: wall seconds of the stages' training, CPU s: CPU seconds of the "
-            "whole chain (2 ranks, evaluations included), on a shared machine."]
+            "whole chain (2 ranks, evaluations included), on a shared machine. All "
+            f"{sum(len(r['seeds']) for r in res.values())} chains: {t['chains_cpu_seconds']:.0f} "
+            f"CPU s, {t['chains_wall_seconds']:.0f} wall s; the pilot's evaluations: "
+            f"{t['pilot_eval_cpu_seconds']:.0f} CPU s."]
     out += format_curves(study)
     out += ["", "Difference of the means; * where it exceeds the sum of the two standard "
             "deviations.", "", "| | OP | BWT | knowledge | general |", "|---|---:|---:|---:|---:|"]
@@ -338,6 +347,7 @@ def format_pilot(p: dict) -> list[str]:
     rows = [("chat model", s["chat"]), ("FFT final", s["fft"]),
             ("FFT final, half reset to the chat model", s["reset"])]
     rows += [(f"FFT seed {k} only, half reset", v) for k, v in s["reset_by_fft_seed"].items()]
+    rows += [(f"mask seed {k} only, half reset", v) for k, v in s["reset_by_mask_seed"].items()]
     rows.append(("reset minus its own FFT final (paired)", s["reset_minus_fft"]))
     for label, r in rows:
         fmt = "{:+.1f}" if label.startswith("reset minus") else "{:.1f}"
@@ -363,11 +373,28 @@ def format_study(study: dict) -> str:
     return "\n".join(out)
 
 
+def process_cpu() -> float:
+    return sum(resource.getrusage(resource.RUSAGE_SELF)[:2]) + children_cpu()
+
+
+def study_time(results: dict, pilot: dict | None, t0: float, cpu0: float) -> dict:
+    """Seconds: the chains' and the pilot's evaluations, summed over the runs that made them
+    (cached ones included), and this invocation's, which a rerun from the caches makes small."""
+    chains = [r for m in results.values() for r in m["seeds"].values()]
+    models = pilot["models"].values() if pilot else []
+    return {"chains_wall_seconds": sum(r["run_seconds"] for r in chains),
+            "chains_cpu_seconds": sum(r["cpu_seconds"] for r in chains),
+            "pilot_eval_seconds": sum(m["eval_seconds"] for m in models),
+            "pilot_eval_cpu_seconds": sum(m["eval_cpu_seconds"] for m in models),
+            "this_invocation": {"wall_seconds": time.time() - t0,
+                                "cpu_seconds": process_cpu() - cpu0}}
+
+
 def main(a):
     """The study (see the module docstring); `a` is demo/run.py's parsed arguments."""
     import train
     from checkpoint import atomic_file, write_json
-    t0, cpu0 = time.time(), sum(resource.getrusage(resource.RUSAGE_SELF)[:2]) + children_cpu()
+    t0, cpu0 = time.time(), process_cpu()
     seeds = int_list(a.seeds, "--seeds")
     mask_seeds = int_list(a.mask_seeds, "--mask-seeds")
     cfg = train.load_config(a.config, a.train_args.split())  # as every chain's, but out_dir
@@ -383,11 +410,8 @@ def main(a):
         per_seed = {str(s): run_chain(a, name, s, table[name]) for s in seeds}
         results[name] = aggregate(per_seed)
     any_run = next(iter(results.values()))["seeds"][str(seeds[0])]
-    t_pilot, cpu_pilot = time.time(), sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
     pilot = (run_pilot(a, cfg, base_dir, results["fft"]["seeds"], mask_seeds)
              if "fft" in results else None)
-    t_pilot = time.time() - t_pilot
-    cpu_pilot = sum(resource.getrusage(resource.RUSAGE_SELF)[:2]) - cpu_pilot
     pairs = [(n, "fft") for n in names if n != "fft"] + [("hft_replay", "fft_replay")]
     study = {"methods": results, "pilot": pilot, "differences": differences(results, pairs),
              "tasks": any_run["tasks"],
@@ -397,12 +421,7 @@ def main(a):
                           "seeds": seeds, "mask_seeds": mask_seeds, "nproc": a.nproc,
                           "methods": {n: table[n] for n in names},
                           "train_args": a.train_args, "base_args": a.base_args},
-             "time": {"wall_seconds": time.time() - t0,
-                      "cpu_seconds": sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
-                      + children_cpu() - cpu0,
-                      "pilot_wall_seconds": t_pilot, "pilot_cpu_seconds": cpu_pilot,
-                      "chains_cpu_seconds": sum(r["cpu_seconds"] for m in results.values()
-                                                for r in m["seeds"].values())}}
+             "time": study_time(results, pilot, t0, cpu0)}
     write_json(os.path.join(STUDY, "study.json"), study)
     with atomic_file(os.path.join(STUDY, "study.md")) as f:
         f.write(format_study(study))

@@ -1,7 +1,7 @@
 PY := .venv/bin/python
 VENV_STAMP := .venv/.installed
 
-.PHONY: test demo bench clean
+.PHONY: test demo study bench clean
 
 $(VENV_STAMP): requirements.txt
 	test -x $(PY) || python3 -m venv .venv
@@ -15,6 +15,12 @@ test: $(VENV_STAMP)
 # The whole pipeline on a tiny LLaMA it builds itself, FFT against HFT (demo/run.py; README "The demo").
 demo: $(VENV_STAMP)
 	$(PY) demo/run.py
+
+# Every method (FFT, HFT, the ablations, replay) x seeds 0-2 on the demo's world and base, and the
+# pilot; runs/study/study.json and study.md (demo/study.py; README "The study"). About 40 minutes
+# on 2 cores, more when the base is not cached yet; a rerun reuses every finished chain.
+study: $(VENV_STAMP)
+	$(PY) demo/run.py --study
 
 # FFT against HFT (and HFT with frozen tensors replicated): step time, memory, bytes (README "Benchmark").
 bench: $(VENV_STAMP)

@@ -325,6 +325,15 @@ def parse_args(argv=None):
                     help="extra train.py overrides for the base model, e.g. '--train.max_steps 5'")
     ap.add_argument("--train-args", default="",
                     help="extra train.py overrides for both fine-tuning runs")
+    ap.add_argument("--study", action="store_true",
+                    help="run the study instead (demo/study.py, `make study`): every method x "
+                         "seed on this world and base, and the pilot, into runs/study/")
+    ap.add_argument("--seeds", default="0,1,2",
+                    help="--study: train.py seeds (data order, HFT masks); world and base keep --seed")
+    ap.add_argument("--methods", default="",
+                    help="--study: comma-separated subset of the methods (default: all, "
+                         "demo/study.py METHOD_NAMES)")
+    ap.add_argument("--mask-seeds", default="0,1,2", help="--study: the pilot's reset mask seeds")
     return ap.parse_args(argv)
 
 
@@ -334,13 +343,19 @@ METHODS = {"fft": ["--hft.granularity", "none"],
            "hft": ["--hft.granularity", "category", "--hft.ratio", "0.5"]}
 
 
+def chain_args(a, out_dir: str, overrides: list[str], seed: int) -> list[str]:
+    """train.py's overrides for one chain of continual stages from the chat model (configs/demo.toml
+    plus these): `make demo` and `make study` build their runs here, so the study's seed 0 of
+    `fft` and `hft` is the demo's run, argument for argument but the out_dir."""
+    return ["--out_dir", out_dir, "--seed", str(seed), *overrides, *a.train_args.split()]
+
+
 def run_method(a, label: str, overrides: list[str], seed: int | None = None) -> dict:
     """One chain of continual stages from the chat model into runs/demo/<label>, afresh; `seed`
     (default: the world's) sets train.py's data order and HFT masks."""
     out_dir = os.path.join(ROOT, label)
     shutil.rmtree(out_dir, ignore_errors=True)  # a fresh run each time (train.py would resume)
-    seed = a.seed if seed is None else seed
-    args = ["--out_dir", out_dir, "--seed", str(seed), *overrides, *a.train_args.split()]
+    args = chain_args(a, out_dir, overrides, a.seed if seed is None else seed)
     secs = torchrun(a.config, args, a.nproc, os.path.join(ROOT, "logs", f"{label}.log"), out_dir)
     return read_run(out_dir, secs)
 
@@ -358,6 +373,9 @@ def base_report() -> dict:
 def main(argv=None):
     from checkpoint import atomic_file, write_json  # a report is whole or absent
     a = parse_args(argv)
+    if a.study:
+        from demo import study
+        return study.main(a)
     t0 = time.time()
     files = write_data(a)
     build_base(a, files)

@@ -224,3 +224,207 @@ def test_recipes_load_and_each_has_an_fft_twin():
     assert (dpo["lr"], dpo["epochs"], dpo["dpo_beta"], dpo["warmup_ratio"], dpo["batch_size"]) == (5e-7, 3, 0.1, 0.1, 32)
     assert cfgs["tulu_dpo_7b"]["model"]["path"] == os.path.join(cfgs["tulu_sft_7b"]["out_dir"], "sft")
     assert cfgs["tulu_dpo_7b_fft"]["model"]["path"] == os.path.join(cfgs["tulu_sft_7b_fft"]["out_dir"], "sft")
+
+
+def test_study_methods_are_the_papers_rows_and_replay_as_in_trace():
+    import train
+    from demo import study
+    assert study.replay_overrides(4) == ["--stages.1.replay", "0.1", "--stages.2.replay", "0.2",
+                                         "--stages.3.replay", "0.3"]
+    table = study.methods(4)
+    assert list(table) == list(study.METHOD_NAMES)
+    assert table["fft"] == run.METHODS["fft"] and table["hft"] == run.METHODS["hft"]
+    want = {"fft": ("none", 0.5, [0] * 4), "hft": ("category", 0.5, [0] * 4),
+            "hft_layer": ("layer", 0.5, [0] * 4), "hft_model": ("model", 0.5, [0] * 4),
+            "hft_r25": ("category", 0.25, [0] * 4), "hft_r75": ("category", 0.75, [0] * 4),
+            "fft_replay": ("none", 0.5, [0, 0.1, 0.2, 0.3]),
+            "hft_replay": ("category", 0.5, [0, 0.1, 0.2, 0.3])}
+    base = train.load_config(os.path.join(ROOT, "configs", "demo.toml"))
+    for name, (granularity, ratio, replay) in want.items():
+        cfg = train.load_config(os.path.join(ROOT, "configs", "demo.toml"), table[name])
+        stages = cfg["stages"]
+        assert [s["hft"]["granularity"] for s in stages] == [granularity] * 4, name
+        if granularity != "none":
+            assert {s["hft"]["ratio"] for s in stages} == {ratio}, name
+        assert [s["train"]["replay"] for s in stages] == replay, name
+        # nothing else moves: every other setting is configs/demo.toml's
+        for s, b in zip(stages, base["stages"]):
+            assert {k: v for k, v in s["train"].items() if k != "replay"} == \
+                {k: v for k, v in b["train"].items() if k != "replay"}, name
+
+
+def test_study_aggregates_are_the_seeds_own():
+    import statistics
+    from demo import study
+    per_seed = {str(k): {"OP": op, "BWT": bwt, "knowledge": kn, "general": g,
+                         "knowledge_retention": None, "seconds": 1.0, "cpu_seconds": 2.0,
+                         "knowledge_by_stage": [kn, kn - 1], "general_by_stage": [g, g],
+                         "earlier_tasks": [op, op], "own": [90.0, 80.0]}
+                for k, (op, bwt, kn, g) in enumerate([(50, -10, 20, 30), (60, -4, 22, 35),
+                                                      (55, -7, 27, 31)])}
+    agg = study.aggregate(per_seed)
+    assert agg["seeds"] is per_seed
+    assert agg["mean"]["OP"] == 55 and agg["std"]["OP"] == pytest.approx(5.0)  # n - 1
+    assert agg["std"]["BWT"] == pytest.approx(statistics.stdev([-10, -4, -7]))
+    assert agg["mean"]["knowledge_by_stage"] == pytest.approx([23, 22])
+    assert agg["std"]["own"] == [0.0, 0.0] and agg["mean"]["knowledge_retention"] is None
+    other = study.aggregate({k: {**r, "OP": r["OP"] + 20} for k, r in per_seed.items()})
+    d = study.differences({"fft": agg, "hft": other}, [("hft", "fft"), ("hft_layer", "fft")])
+    assert list(d) == ["hft - fft"]  # a method not run is left out
+    assert d["hft - fft"]["OP"] == {"diff": 20.0, "std": 5.0, "std_ref": 5.0, "exceeds": True}
+    assert d["hft - fft"]["BWT"]["exceeds"] is False  # 0 is within any spread
+    assert study.aggregate({"0": per_seed["0"]})["std"]["OP"] is None  # one seed: no spread
+
+
+STUDY_ARGS = ["--study", "--methods", "fft,hft", "--seeds", "0,1", "--mask-seeds", "0,1"]
+
+
+@pytest.fixture(scope="module")
+def study_run(demo):
+    """demo/run.py --study in the demo's directory, on the same reduced sizes and 2-stage config:
+    it reuses the demo's cached base and runs fft and hft with seeds 0 and 1, and the pilot."""
+    root, _ = demo
+    cfg = root / "demo_2stages.toml"
+    cmd = [sys.executable, os.path.join(ROOT, "demo", "run.py"), *ARGS, "--config", str(cfg),
+           *STUDY_ARGS]
+    p = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    if p.returncode:
+        raise AssertionError(f"study failed ({p.returncode}):\n{p.stdout[-4000:]}\n"
+                             f"{p.stderr[-4000:]}")
+    with open(root / "runs/study/study.json") as f:
+        return root, json.load(f), p.stdout
+
+
+def test_study_json_contract_and_seed_statistics(study_run):
+    import statistics
+    root, s, out = study_run
+    assert "reusing the cached tokenizer and base model" in out
+    assert list(s["methods"]) == ["fft", "hft"]
+    for name, r in s["methods"].items():
+        assert list(r["seeds"]) == ["0", "1"]
+        for seed in r["seeds"].values():
+            assert {"OP", "BWT", "knowledge", "general", "matrix"} <= set(seed)
+            assert [len(row) for row in seed["matrix"]] == [1, 2]
+        for k in ("OP", "BWT", "knowledge", "general", "seconds", "cpu_seconds"):
+            values = [seed[k] for seed in r["seeds"].values()]
+            assert r["mean"][k] == pytest.approx(statistics.fmean(values)), (name, k)
+            assert r["std"][k] == pytest.approx(statistics.stdev(values)), (name, k)
+    assert s["settings"]["seeds"] == [0, 1] and s["settings"]["world_seed"] == 0
+    md = (root / "runs/study/study.md").read_text()
+    assert "| fft | " in md and "| hft | " in md and "| hft - fft |" in md
+    assert md.count("xychart-beta") == 3 and '(FFT blue, HFT orange)"' in md
+    assert "| FFT final, half reset to the chat model | 4 |" in md
+
+
+def test_study_seed0_is_the_demo_run(study_run):
+    """Seed 0 of fft and hft is `make demo`'s run: the same numbers and, bitwise, the same weights;
+    seed 1 is another run (data order, masks)."""
+    root, s, _ = study_run
+    with open(root / "runs/demo/report.json") as f:
+        demo_rep = json.load(f)
+    last = continual_stages()[1]
+    for name in ("fft", "hft"):
+        seed0 = s["methods"][name]["seeds"]["0"]
+        for k in ("OP", "BWT", "knowledge", "general", "matrix", "knowledge_by_stage",
+                  "general_by_stage", "earlier_tasks", "general_tasks", "trainable_params"):
+            assert seed0[k] == demo_rep[name][k], (name, k)
+        weights = {d: torch.load(root / d / last / "consolidated.00.pth", weights_only=True)
+                   for d in (f"runs/demo/{name}", f"runs/study/{name}/seed0",
+                             f"runs/study/{name}/seed1")}
+        demo_w, w0, w1 = weights.values()
+        assert all(torch.equal(demo_w[k], w0[k]) for k in demo_w), name
+        assert any(not torch.equal(demo_w[k], w1[k]) for k in demo_w), name
+        losses = [[json.loads(ln)["loss"] for ln in open(root / d / last / "metrics.jsonl")]
+                  for d in (f"runs/demo/{name}", f"runs/study/{name}/seed0")]
+        assert losses[0] == losses[1]
+
+
+def test_study_pilot_resets_half_of_each_fft_final(study_run):
+    root, s, _ = study_run
+    p = s["pilot"]
+    assert (p["granularity"], p["ratio"]) == ("category", 0.5)
+    assert (p["fft_seeds"], p["mask_seeds"]) == ([0, 1], [0, 1])
+    resets = {k: v for k, v in p["models"].items() if k.startswith("reset/")}
+    assert sorted(resets) == ["reset/seed0/mask0", "reset/seed0/mask1", "reset/seed1/mask0",
+                              "reset/seed1/mask1"]
+    assert {"chat", "fft/seed0", "fft/seed1"} <= set(p["models"])
+    summary = p["summary"]
+    assert [summary[k]["n"] for k in ("chat", "fft", "reset", "reset_minus_fft")] == [1, 2, 4, 4]
+    tasks = continual_stages()[:2]
+    # Scored in-process as train.py scores after a stage: the FFT final model gets its run's last
+    # row, knowledge and general score; the chat model gets the run's base row.
+    for seed in ("0", "1"):
+        run_ = s["methods"]["fft"]["seeds"][seed]
+        got = p["models"][f"fft/seed{seed}"]
+        assert [got["tasks"][t] for t in tasks] == run_["matrix"][-1]
+        assert got["knowledge"] == run_["knowledge"]
+        assert got["general"] == pytest.approx(run_["general"])
+        assert got["general_tasks"] == {k: v["stages"][-1]
+                                        for k, v in run_["general_tasks"].items()}
+    chat = p["models"]["chat"]
+    assert [chat["tasks"][t] for t in tasks] == s["methods"]["fft"]["seeds"]["0"]["base_row"]
+    assert chat["knowledge"] == s["base"]["base_knowledge"]
+    # A reset model: the selected layer tensors are the chat model's, everything else FFT's.
+    d = root / "runs/study/pilot/reset_fft_seed1_mask0"
+    with open(d / "reset.json") as f:
+        info = json.load(f)
+    assert (info["seed"], info["ratio"], info["granularity"]) == (0, 0.5, "category")
+    dirs = (d, root / "runs/demo/base/chat", root / f"runs/study/fft/seed1/{tasks[-1]}")
+    w, chat_w, fft_w = (torch.load(x / "consolidated.00.pth", weights_only=True) for x in dirs)
+    reset = set(info["reset"])
+    assert reset and all(k.startswith("layers.") for k in reset)
+    assert all(torch.equal(w[k], (chat_w if k in reset else fft_w)[k]) for k in w)
+
+
+def test_study_rerun_reuses_finished_chains_and_reruns_changed_ones(study_run, monkeypatch):
+    import shutil
+    from demo import study
+    root, s, _ = study_run
+    monkeypatch.chdir(root)
+    a = run.parse_args([*ARGS, "--config", str(root / "demo_2stages.toml"), *STUDY_ARGS])
+    monkeypatch.setattr(run, "torchrun", lambda *x, **k: pytest.fail("a finished chain was rerun"))
+    again = study.run_chain(a, "fft", 1, run.METHODS["fft"])
+    assert again["matrix"] == s["methods"]["fft"]["seeds"]["1"]["matrix"]
+    assert again["key"] == s["methods"]["fft"]["seeds"]["1"]["key"]
+
+    # Another setting under the same name: the old chain is deleted, never continued.
+    shutil.copytree("runs/study/fft/seed1", "runs/study/probe/seed1")
+    shutil.copy("runs/study/fft/seed1.json", "runs/study/probe/seed1.json")
+    calls = []
+
+    def fake_torchrun(config, args, nproc, log_path, out_dir):
+        calls.append((args, os.path.exists(os.path.join(out_dir, continual_stages()[0]))))
+        raise KeyboardInterrupt  # killed mid-chain
+    monkeypatch.setattr(run, "torchrun", fake_torchrun)
+    changed = [*run.METHODS["fft"], "--train.lr", "1e-3"]
+    with open("runs/study/probe/seed1.json") as f:
+        old = json.load(f)
+    with pytest.raises(KeyboardInterrupt):
+        study.run_chain(a, "probe", 1, changed)
+    assert calls[-1][1] is False  # started afresh
+    with open("runs/study/probe/seed1.json") as f:
+        meta = json.load(f)
+    assert meta["key"] != old["key"] and meta["done"] is False and "1e-3" in meta["args"]
+    # The same setting after the kill: train.py is called on the kept out_dir (it resumes).
+    os.makedirs(f"runs/study/probe/seed1/{continual_stages()[0]}")
+    with pytest.raises(KeyboardInterrupt):
+        study.run_chain(a, "probe", 1, changed)
+    assert calls[-1][1] is True
+    # Other inputs are other keys too: the seed, the number of ranks, a task file's bytes.
+    args = run.chain_args(a, "runs/study/fft/seed1", run.METHODS["fft"], 1)
+    key = study.chain_key(a, args)
+    seed2 = run.chain_args(a, "runs/study/fft/seed1", run.METHODS["fft"], 2)
+    assert study.chain_key(a, seed2) != key
+    b = run.parse_args([*ARGS, "--config", str(root / "demo_2stages.toml"), "--nproc", "1"])
+    assert study.chain_key(b, args) != key
+    task = os.path.join(run.DATA, "tasks", f"{continual_stages()[0]}_train.jsonl")
+    original = open(task).read()
+    try:
+        with open(task, "a") as f:
+            f.write(original.splitlines()[0] + "\n")
+        assert study.chain_key(a, args) != key
+    finally:
+        with open(task, "w") as f:
+            f.write(original)
+    assert study.chain_key(a, args) == key

@@ -428,3 +428,17 @@ def test_study_rerun_reuses_finished_chains_and_reruns_changed_ones(study_run, m
         with open(task, "w") as f:
             f.write(original)
     assert study.chain_key(a, args) == key
+
+
+def test_readme_study_tables_are_generated_from_results():
+    """Every table row of the README's "The study" section is a row study.md's generator makes
+    from the committed results/study.json: the README's numbers cannot drift from the study."""
+    from demo import study
+    with open(os.path.join(ROOT, "results", "study.json")) as f:
+        generated = set(study.format_study(json.load(f)).splitlines())
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    section = readme[readme.index("## The study"):readme.index("## Recipes")]
+    rows = [ln for ln in section.splitlines() if ln.startswith("|")]
+    assert len(rows) >= 20
+    assert [r for r in rows if r not in generated] == []

@@ -59,7 +59,8 @@ def write_data(a) -> list[str]:
              KNOWLEDGE: world.knowledge_probes(people, a.probes, a.seed),
              CHAT_TRAIN: world.chat_mixture(a.chat_per_task, a.general_test, a.seed)}
     for name in world.GENERAL_TASKS:
-        files[general_test(name)] = world.task_split(name, a.chat_per_task, a.general_test, a.seed)[1]
+        files[general_test(name)] = world.task_split(name, a.chat_per_task, a.general_test,
+                                                     a.seed)[1]
     for name in world.TASKS:
         train, test = world.task_split(name, a.train_per_task, a.test_per_task, a.seed)
         files[os.path.join(DATA, "tasks", f"{name}_train.jsonl")] = train
@@ -92,12 +93,15 @@ def train_tokenizer(corpus: str, vocab_size: int):
 def torchrun(config: str, overrides: list[str], nproc: int, log_path: str, out_dir: str) -> float:
     """One train.py run under torchrun (gloo on CPU) into a fresh out_dir; its output goes to the
     terminal and to log_path. Returns the wall time in seconds."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={nproc}",
            os.path.join(REPO, "train.py"), "--config", config, *overrides]
     shown = ["torchrun", *cmd[3:]]
-    print("\n$ " + " ".join(os.path.relpath(c, REPO) if c.startswith(REPO) else c for c in shown), flush=True)
+    print("\n$ " + " ".join(os.path.relpath(c, REPO) if c.startswith(REPO) else c for c in shown),
+          flush=True)
     # One thread per worker: with one worker per core, more threads only fight over the cores.
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONUNBUFFERED="1")
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+               PYTHONUNBUFFERED="1")
     t0 = time.time()
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
     with open(log_path, "wb") as log:
@@ -114,7 +118,8 @@ def torchrun(config: str, overrides: list[str], nproc: int, log_path: str, out_d
         if not os.path.exists(os.path.join(out_dir, "summary.json")):
             sys.exit(f"demo: train.py failed (exit {p.returncode}); its output is in {log_path}")
         print(f"demo: warning: train.py exited with {p.returncode} after finishing every stage "
-              f"({out_dir}/summary.json is written); a worker failed while shutting down, see {log_path}")
+              f"({out_dir}/summary.json is written); a worker failed while shutting down, see "
+              f"{log_path}")
     return time.time() - t0
 
 
@@ -128,9 +133,9 @@ def base_key(a, files: list[str]) -> str:
 
 
 def build_base(a, files: list[str]) -> str:
-    """Tokenizer, random init as a Meta checkpoint, then configs/demo_base.toml: `lm` pretraining and
-    the `sft` chat stage; cached under runs/demo/ and redone only when base_key changes. Returns the
-    base model's directory (the export of the config's last stage, the chat model)."""
+    """Tokenizer, random init as a Meta checkpoint, then configs/demo_base.toml: `lm` pretraining
+    and the `sft` chat stage; cached under runs/demo/ and redone only when base_key changes.
+    Returns the base model's directory (the export of the config's last stage, the chat model)."""
     key = base_key(a, files)
     key_file, summary = os.path.join(ROOT, "base.key"), os.path.join(BASE, "summary.json")
     cached = os.path.exists(key_file) and os.path.exists(summary)
@@ -149,14 +154,16 @@ def build_base(a, files: list[str]) -> str:
         t0 = time.time()
         train_tokenizer(files[0], a.vocab_size)
         # max_seq_len is the config's [model] max_seq_len: Meta's params.json does not store it.
-        args = ModelArgs(dim=a.dim, n_layers=a.n_layers, n_heads=a.n_heads, vocab_size=a.vocab_size, multiple_of=32)
+        args = ModelArgs(dim=a.dim, n_layers=a.n_layers, n_heads=a.n_heads,
+                         vocab_size=a.vocab_size, multiple_of=32)
         with torch.device("cpu"):
             m = Transformer(args)
         m.init_weights(seed=a.seed)
         save_model(m, INIT, format="meta", tokenizer=TOKENIZER)
         n = sum(p.numel() for p in m.parameters())
-        print(f"demo: tokenizer ({a.vocab_size} pieces) and a random {n / 1e6:.2f}M-parameter LLaMA "
-              f"(dim {a.dim}, {a.n_layers} layers) written to {INIT} in {time.time() - t0:.1f}s")
+        print(f"demo: tokenizer ({a.vocab_size} pieces) and a random {n / 1e6:.2f}M-parameter "
+              f"LLaMA (dim {a.dim}, {a.n_layers} layers) written to {INIT} in "
+              f"{time.time() - t0:.1f}s")
         torchrun(a.base_config, ["--seed", str(a.seed), *a.base_args.split()], a.nproc,
                  os.path.join(ROOT, "logs", "base.log"), BASE)
         with open(key_file, "w") as f:
@@ -206,7 +213,8 @@ def read_run(out_dir: str, seconds: float) -> dict:
     return {"OP": rep["OP"], "BWT": rep["BWT"], "knowledge": last["score"],
             "knowledge_retention": last["retention"], "general": general["stages"][-1],
             "earlier_tasks": earlier_task_scores(rep["R"]),
-            "knowledge_by_stage": [s["score"] for s in know["stages"]], "base_knowledge": know["base"],
+            "knowledge_by_stage": [s["score"] for s in know["stages"]],
+            "base_knowledge": know["base"],
             "general_by_stage": general["stages"], "base_general": general["base"],
             "general_tasks": general["tasks"], "matrix": rep["R"], "base_row": rep["base_row"],
             "tasks": [t["name"] for t in rep["tasks"]],
@@ -219,12 +227,13 @@ def read_run(out_dir: str, seconds: float) -> dict:
 def format_report(rep: dict) -> str:
     runs = {"FFT": rep["fft"], "HFT": rep["hft"]}
     tasks = rep["fft"]["tasks"]
-    metrics = "accuracy" + "".join(f", {t}: {world.METRICS[t]}" for t in tasks if t in world.METRICS)
-    out = [f"Base model: pretrained on the world (knowledge exact match {rep['pretrain_knowledge']:.1f} "
-           f"on {rep['probes']} closed-book questions), then instruction-tuned on "
-           f"{len(rep['general_tasks'])} general tasks. The chat model, where both runs start, has "
-           f"knowledge {rep['base_knowledge']:.1f} and general-task accuracy "
-           f"{rep['base_general']:.1f}.", ""]
+    metrics = "accuracy" + "".join(f", {t}: {world.METRICS[t]}" for t in tasks
+                                   if t in world.METRICS)
+    out = [f"Base model: pretrained on the world (knowledge exact match "
+           f"{rep['pretrain_knowledge']:.1f} on {rep['probes']} closed-book questions), then "
+           f"instruction-tuned on {len(rep['general_tasks'])} general tasks. The chat model, "
+           f"where both runs start, has knowledge {rep['base_knowledge']:.1f} and general-task "
+           f"accuracy {rep['base_general']:.1f}.", ""]
     for label, r in runs.items():
         out += [f"{label}: score on each task (columns) after each stage (rows); {metrics}", "",
                 "| after stage | " + " | ".join(tasks) + " | knowledge | general |",
@@ -251,7 +260,8 @@ def format_report(rep: dict) -> str:
         cells = ["n/a" if runs[k][key] is None else f"{runs[k][key] / 2**20:.2f}" if fmt is None
                  else fmt.format(runs[k][key]) for k in runs]
         out.append(f"| {label} | " + " | ".join(cells) + " |")
-    out += ["", "General tasks (held-out test sets, accuracy): the chat model and after the last stage",
+    out += ["",
+            "General tasks (held-out test sets, accuracy): the chat model and after the last stage",
             "", "| general task | chat model | FFT | HFT |", "|---|---:|---:|---:|"]
     for name, g in rep["fft"]["general_tasks"].items():
         out.append(f"| {name} | {g['base']:.1f} | {g['stages'][-1]:.1f} | "
@@ -270,14 +280,18 @@ def xychart(title: str, x_labels: list[str], series: dict[str, list[float]], y_l
     dependency), one line per series. xychart-beta draws no legend, so each line gets the next
     color of PALETTE and the title says which is which: "title (FFT blue, HFT orange)"."""
     if len(series) > len(PALETTE):
-        raise ValueError(f"xychart: {len(series)} lines, only {len(PALETTE)} colors to tell them apart")
+        raise ValueError(f"xychart: {len(series)} lines, only {len(PALETTE)} colors "
+                         f"to tell them apart")
     for name, ys in series.items():
         if len(ys) != len(x_labels):
-            raise ValueError(f"xychart: line {name!r} has {len(ys)} points for {len(x_labels)} x labels")
+            raise ValueError(f"xychart: line {name!r} has {len(ys)} points for {len(x_labels)} "
+                             f"x labels")
     names = ", ".join(f"{name} {color}" for name, (color, _) in zip(series, PALETTE))
     palette = ", ".join(hex_ for _, hex_ in PALETTE[:len(series)])
-    theme = '{"theme": "base", "themeVariables": {"xyChart": {"plotColorPalette": "' + palette + '"}}}'
-    out = ["```mermaid", "%%{init: " + theme + "}%%", "xychart-beta", f'    title "{title} ({names})"',
+    theme = ('{"theme": "base", "themeVariables": {"xyChart": {"plotColorPalette": "' + palette
+             + '"}}}')
+    out = ["```mermaid", "%%{init: " + theme + "}%%", "xychart-beta",
+           f'    title "{title} ({names})"',
            "    x-axis [" + ", ".join(f'"{x}"' for x in x_labels) + "]",
            f'    y-axis "{y_label}" {y_range[0]:g} --> {y_range[1]:g}']
     out += ["    line [" + ", ".join(f"{y:.1f}" for y in ys) + "]" for ys in series.values()]
@@ -291,17 +305,21 @@ def format_charts(runs: dict[str, dict]) -> str:
     x = ["chat model", *tasks]
     return "\n\n".join([
         xychart("Knowledge probes, exact match", x,
-                {k: [r["base_knowledge"], *r["knowledge_by_stage"]] for k, r in runs.items()}, "EM"),
+                {k: [r["base_knowledge"], *r["knowledge_by_stage"]] for k, r in runs.items()},
+                "EM"),
         xychart("General tasks, mean accuracy", x,
-                {k: [r["base_general"], *r["general_by_stage"]] for k, r in runs.items()}, "accuracy"),
-        xychart("Earlier tasks, mean score", tasks, {k: r["earlier_tasks"] for k, r in runs.items()},
-                "score"),
-        "Earlier tasks: after stage t >= 1, the mean score on the tasks of stages 0..t-1; after the "
-        f"first stage ({tasks[0]}) no task is earlier, and the point is that task's own score."])
+                {k: [r["base_general"], *r["general_by_stage"]] for k, r in runs.items()},
+                "accuracy"),
+        xychart("Earlier tasks, mean score", tasks,
+                {k: r["earlier_tasks"] for k, r in runs.items()}, "score"),
+        "Earlier tasks: after stage t >= 1, the mean score on the tasks of stages 0..t-1; "
+        f"after the first stage ({tasks[0]}) no task is earlier, and the point is that task's "
+        "own score."])
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--entities", type=int, default=300, help="people in the synthetic world")
     ap.add_argument("--probes", type=int, default=200,
@@ -329,7 +347,8 @@ def parse_args(argv=None):
                     help="run the study instead (demo/study.py, `make study`): every method x "
                          "seed on this world and base, and the pilot, into runs/study/")
     ap.add_argument("--seeds", default="0,1,2",
-                    help="--study: train.py seeds (data order, HFT masks); world and base keep --seed")
+                    help="--study: train.py seeds (data order, HFT masks); world and base keep "
+                         "--seed")
     ap.add_argument("--methods", default="",
                     help="--study: comma-separated subset of the methods (default: all, "
                          "demo/study.py METHOD_NAMES)")
@@ -337,8 +356,8 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-# The two runs of `make demo`: train.py overrides on top of configs/demo.toml (same seed, data order,
-# steps and learning rates; only the HFT selection differs).
+# The two runs of `make demo`: train.py overrides on top of configs/demo.toml (same seed, data
+# order, steps and learning rates; only the HFT selection differs).
 METHODS = {"fft": ["--hft.granularity", "none"],
            "hft": ["--hft.granularity", "category", "--hft.ratio", "0.5"]}
 
@@ -383,16 +402,19 @@ def main(argv=None):
 
     runs = {label: run_method(a, label, overrides) for label, overrides in METHODS.items()}
     report = {"base_knowledge": runs["fft"]["base_knowledge"],
-              "base_general": runs["fft"]["base_general"], "probes": a.probes, "general_tasks": list(world.GENERAL_TASKS), **base_report(), **runs,
+              "base_general": runs["fft"]["base_general"], "probes": a.probes,
+              "general_tasks": list(world.GENERAL_TASKS), **base_report(), **runs,
               "total_seconds": time.time() - t0}
     text, charts = format_report(report), format_charts({"FFT": runs["fft"], "HFT": runs["hft"]})
     write_json(os.path.join(ROOT, "report.json"), report)
     with atomic_file(os.path.join(ROOT, "report.md")) as f:
-        f.write(f"# Demo: full fine-tuning (FFT) against Half Fine-Tuning (HFT)\n\n{text}\n\n{charts}\n")
-    print("\n" + "=" * 100 + f"\nFFT against HFT: {len(runs['fft']['tasks'])} SFT stages in a row from "
-          "the chat model, same seed, steps and learning rates\n")
+        f.write(f"# Demo: full fine-tuning (FFT) against Half Fine-Tuning (HFT)\n\n{text}\n\n"
+                f"{charts}\n")
+    print("\n" + "=" * 100 + f"\nFFT against HFT: {len(runs['fft']['tasks'])} SFT stages in a row "
+          "from the chat model, same seed, steps and learning rates\n")
     print(text)
-    print(f"\ndemo: done in {time.time() - t0:.0f}s; {ROOT}/report.md (with charts) and report.json")
+    print(f"\ndemo: done in {time.time() - t0:.0f}s; {ROOT}/report.md (with charts) and "
+          f"report.json")
 
 
 if __name__ == "__main__":

@@ -62,7 +62,8 @@ def make_entities(n: int, seed: int) -> list[dict]:
         if name in names:
             continue
         names.add(name)
-        people.append({"name": name, "city": rng.choice(CITIES), "year": str(rng.randint(1900, 1999)),
+        people.append({"name": name, "city": rng.choice(CITIES),
+                       "year": str(rng.randint(1900, 1999)),
                        "profession": rng.choice(PROFESSIONS), "employer": rng.choice(EMPLOYERS)})
     return people
 
@@ -70,7 +71,8 @@ def make_entities(n: int, seed: int) -> list[dict]:
 def qa_pairs(person: dict) -> list[dict]:
     """The closed-book questions about one person as {"question", "answer"} records, the
     knowledge-probe format eval.py prompts as "Q: {question}\\nA:" and scores by exact match."""
-    return [{"question": QUESTIONS[a].format(name=person["name"]), "answer": person[a]} for a in ATTRIBUTES]
+    return [{"question": QUESTIONS[a].format(name=person["name"]), "answer": person[a]}
+            for a in ATTRIBUTES]
 
 
 def biography(person: dict, rng: random.Random) -> list[str]:
@@ -78,7 +80,8 @@ def biography(person: dict, rng: random.Random) -> list[str]:
     random wording (short documents pad less in a batch than one long one)."""
     order = list(ATTRIBUTES)
     rng.shuffle(order)
-    return [" ".join(rng.choice(BIO_SENTENCES[a]).format(**person) for a in half) for half in (order[:2], order[2:])]
+    return [" ".join(rng.choice(BIO_SENTENCES[a]).format(**person) for a in half)
+            for half in (order[:2], order[2:])]
 
 
 def pretrain_docs(people: list[dict], seed: int) -> list[dict]:
@@ -189,15 +192,16 @@ GENERAL_TASKS = {"sort": _g_sort, "next": _g_next, "count": _g_count, "first": _
 # classification, generation, multiple choice with a letter answer, arithmetic.
 
 # Elvish: a fixed word for each profession, built from the syllables names are made of.
-LEXICON = dict(zip(PROFESSIONS, "kari molu veta nosi befel wiath ormir zanqu eltor nyul sape rovin".split()))
+LEXICON = dict(zip(PROFESSIONS,
+                   "kari molu veta nosi befel wiath ormir zanqu eltor nyul sape rovin".split()))
 STANCE_VERBS = {"favor": ["praises", "trusts", "admires", "supports"],
                 "against": ["blames", "distrusts", "criticises", "opposes"]}
 
 
 def _stance(rng):
     label = rng.choice(sorted(STANCE_VERBS))
-    return (f"Stance of the speaker, favor or against: {_name(rng)} {rng.choice(STANCE_VERBS[label])} "
-            f"{rng.choice(EMPLOYERS)}.", label)
+    return (f"Stance of the speaker, favor or against: {_name(rng)} "
+            f"{rng.choice(STANCE_VERBS[label])} {rng.choice(EMPLOYERS)}.", label)
 
 
 def _translate(rng):
@@ -229,7 +233,8 @@ def task_split(name: str, n_train: int, n_test: int, seed: int) -> tuple[list[di
     train."""
     gen = TASKS.get(name) or GENERAL_TASKS.get(name)
     if gen is None:
-        raise KeyError(f"no task {name!r} (continual: {', '.join(TASKS)}; general: {', '.join(GENERAL_TASKS)})")
+        raise KeyError(f"no task {name!r} (continual: {', '.join(TASKS)}; general: "
+                       f"{', '.join(GENERAL_TASKS)})")
     rng = random.Random(f"task/{name}/{seed}")
     seen, items = set(), []
     for _ in range(100 * (n_train + n_test)):
@@ -240,7 +245,8 @@ def task_split(name: str, n_train: int, n_test: int, seed: int) -> tuple[list[di
             seen.add(q)
             items.append((q, a))
     if len(items) < n_train + n_test:
-        raise ValueError(f"task '{name}': only {len(items)} distinct instances, asked for {n_train + n_test}")
+        raise ValueError(f"task '{name}': only {len(items)} distinct instances, asked for "
+                         f"{n_train + n_test}")
     recs = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}],
              "metric": METRICS.get(name, "accuracy")} for q, a in items]
     return recs[n_test:], recs[:n_test]

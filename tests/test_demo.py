@@ -18,7 +18,8 @@ ARGS = ["--entities", "24", "--probes", "16", "--chat-per-task", "8", "--general
         "--train-per-task", "32", "--test-per-task", "8",
         "--vocab-size", "400", "--dim", "32", "--n-layers", "2", "--n-heads", "2",
         "--base-args", "--train.max_steps 4 --train.batch_size 8 --train.micro_batch_size 4",
-        "--train-args", "--train.max_steps 3 --train.batch_size 8 --train.micro_batch_size 4 --eval.max_new_tokens 4"]
+        "--train-args", "--train.max_steps 3 --train.batch_size 8 --train.micro_batch_size 4 "
+                        "--eval.max_new_tokens 4"]
 
 
 def test_world_is_seeded_and_splits_are_disjoint():
@@ -26,20 +27,24 @@ def test_world_is_seeded_and_splits_are_disjoint():
     assert a == b and a != c
     assert len({p["name"] for p in a}) == 50
     docs = {d["text"] for d in world.pretrain_docs(a, 0)}
-    for q in world.knowledge_probes(a, 40, 0):  # every probe is answered, in its format, in pretraining
+    # every probe is answered, in its format, in pretraining
+    for q in world.knowledge_probes(a, 40, 0):
         assert f"Q: {q['question']}\nA: {q['answer']}" in docs
     prompts = lambda recs: {r["messages"][0]["content"] for r in recs}  # noqa: E731
     for name in [*world.TASKS, *world.GENERAL_TASKS]:
         train, test = world.task_split(name, 60, 20, 0)
         assert len(train) == 60 and len(test) == 20
         assert not prompts(train) & prompts(test), name
-        assert all([m["role"] for m in r["messages"]] == ["user", "assistant"] for r in train + test)
+        assert all([m["role"] for m in r["messages"]] == ["user", "assistant"]
+                   for r in train + test)
         # the record names its metric: train.py scores an eval or probe file by it
         assert {r["metric"] for r in train + test} == {world.METRICS.get(name, "accuracy")}
-        assert world.task_split(name, 60, 20, 0) == (train, test) != world.task_split(name, 60, 20, 1)
+        assert (world.task_split(name, 60, 20, 0) == (train, test)
+                != world.task_split(name, 60, 20, 1))
     chat = world.chat_mixture(30, 10, 0)
     assert len(chat) == 30 * len(world.GENERAL_TASKS) and chat == world.chat_mixture(30, 10, 0)
-    assert not prompts(chat) & set().union(*(prompts(world.task_split(n, 30, 10, 0)[1]) for n in world.GENERAL_TASKS))
+    assert not prompts(chat) & set().union(*(prompts(world.task_split(n, 30, 10, 0)[1])
+                                             for n in world.GENERAL_TASKS))
     with pytest.raises(KeyError, match="no task 'nope'"):
         world.task_split("nope", 1, 1, 0)
 
@@ -63,12 +68,14 @@ def test_every_task_has_its_own_instruction():
 
 
 def test_xychart_is_a_mermaid_line_chart_whose_title_names_the_lines():
-    md = run.xychart("Knowledge", ["chat model", "a", "b"], {"FFT": [50, 40.25, 30], "HFT": [50, 45, 44]}, "EM")
+    md = run.xychart("Knowledge", ["chat model", "a", "b"],
+                     {"FFT": [50, 40.25, 30], "HFT": [50, 45, 44]}, "EM")
     lines = md.split("\n")
     assert lines[0] == "```mermaid" and lines[-1] == "```" and "xychart-beta" in lines
     assert '    title "Knowledge (FFT blue, HFT orange)"' in lines
     assert '    x-axis ["chat model", "a", "b"]' in lines and '    y-axis "EM" 0 --> 100' in lines
-    assert [ln for ln in lines if ln.startswith("    line")] == ["    line [50.0, 40.2, 30.0]", "    line [50.0, 45.0, 44.0]"]
+    assert [ln for ln in lines if ln.startswith("    line")] == ["    line [50.0, 40.2, 30.0]",
+                                                                 "    line [50.0, 45.0, 44.0]"]
     palette = next(ln for ln in lines if "plotColorPalette" in ln)
     assert '"plotColorPalette": "#1f77b4, #ff7f0e"' in palette  # blue, orange: the title's order
     with pytest.raises(ValueError, match="line 'HFT' has 2 points for 3 x labels"):
@@ -79,11 +86,14 @@ def test_earlier_task_and_general_scores():
     R = [[90.0], [30.0, 80.0], [20.0, 40.0, 70.0]]
     assert run.earlier_task_scores(R) == [90.0, 30.0, 30.0]  # stage 0: the first task's own score
     probes = {run.KNOWLEDGE: {"base": 50.0, "stages": [{"score": 40.0}, {"score": 30.0}]},
-              run.general_test("sort"): {"base": 80.0, "stages": [{"score": 60.0}, {"score": 20.0}]},
-              run.general_test("count"): {"base": 100.0, "stages": [{"score": 90.0}, {"score": 50.0}]}}
+              run.general_test("sort"): {"base": 80.0,
+                                         "stages": [{"score": 60.0}, {"score": 20.0}]},
+              run.general_test("count"): {"base": 100.0,
+                                          "stages": [{"score": 90.0}, {"score": 50.0}]}}
     g = run.general_scores(probes)
     assert g["base"] == 90.0 and g["stages"] == [75.0, 35.0]
-    assert g["tasks"] == {"sort": {"base": 80.0, "stages": [60.0, 20.0]}, "count": {"base": 100.0, "stages": [90.0, 50.0]}}
+    assert g["tasks"] == {"sort": {"base": 80.0, "stages": [60.0, 20.0]},
+                          "count": {"base": 100.0, "stages": [90.0, 50.0]}}
 
 
 def test_tokenizer_has_llama_layout(tmp_path, monkeypatch):
@@ -92,12 +102,16 @@ def test_tokenizer_has_llama_layout(tmp_path, monkeypatch):
     a = run.parse_args(ARGS)
     run.train_tokenizer(run.write_data(a)[0], a.vocab_size)
     tok = data.Tokenizer(run.TOKENIZER)
-    assert (tok.sp_model.unk_id(), tok.bos_id, tok.eos_id, tok.pad_id, tok.n_words) == (0, 1, 2, -1, 400)
+    assert ((tok.sp_model.unk_id(), tok.bos_id, tok.eos_id, tok.pad_id, tok.n_words)
+            == (0, 1, 2, -1, 400))
     for marker in run.CHAT_MARKERS:  # one token each, wherever they stand
-        assert len(tok.encode(f"x\n{marker}\ny", bos=False, eos=False)) == len(tok.encode("x\n\ny", bos=False, eos=False)) + 1
+        assert (len(tok.encode(f"x\n{marker}\ny", bos=False, eos=False))
+                == len(tok.encode("x\n\ny", bos=False, eos=False)) + 1)
     assert tok.sp_model.encode("\n", out_type=str)[-1] == "<0x0A>"  # byte piece, never merged
-    assert tok.decode(tok.encode("Q: ünïcode\n  two spaces", bos=True, eos=False)) == "Q: ünïcode\n  two spaces"
-    for path in [os.path.join(run.DATA, "tasks", f"{name}_train.jsonl") for name in world.TASKS] + [run.CHAT_TRAIN]:
+    assert (tok.decode(tok.encode("Q: ünïcode\n  two spaces", bos=True, eos=False))
+            == "Q: ünïcode\n  two spaces")
+    for path in [os.path.join(run.DATA, "tasks", f"{name}_train.jsonl")
+                 for name in world.TASKS] + [run.CHAT_TRAIN]:
         ex = data.load_examples(path, "sft", tok, 128)  # the chat-prefix check of data.py passes
         assert len(ex) == (32 if path != run.CHAT_TRAIN else 8 * len(world.GENERAL_TASKS))
 
@@ -113,13 +127,15 @@ def demo(tmp_path_factory):
     p = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600,
                        env=dict(os.environ, OMP_NUM_THREADS="1"))
     if p.returncode:
-        raise AssertionError(f"demo/run.py failed ({p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}")
+        raise AssertionError(f"demo/run.py failed ({p.returncode}):\n{p.stdout[-4000:]}\n"
+                             f"{p.stderr[-4000:]}")
     return root, p.stdout
 
 
 def continual_stages():
     import train
-    return [s["name"] for s in train.load_config(os.path.join(ROOT, "configs", "demo.toml"))["stages"]]
+    return [s["name"]
+            for s in train.load_config(os.path.join(ROOT, "configs", "demo.toml"))["stages"]]
 
 
 def test_report_structure(demo):
@@ -127,10 +143,12 @@ def test_report_structure(demo):
     with open(root / "runs/demo/report.json") as f:
         rep = json.load(f)
     assert 0 <= rep["base_knowledge"] <= 100 and 0 <= rep["pretrain_knowledge"] <= 100
-    assert rep["general_tasks"] == list(world.GENERAL_TASKS) and rep["base_stages"] == ["pretrain", "chat"]
+    assert (rep["general_tasks"] == list(world.GENERAL_TASKS)
+            and rep["base_stages"] == ["pretrain", "chat"])
     for label in ("fft", "hft"):
         r = rep[label]
-        for key in ("OP", "BWT", "knowledge", "general", "matrix", "seconds", "optimizer_state_bytes"):
+        for key in ("OP", "BWT", "knowledge", "general", "matrix", "seconds",
+                    "optimizer_state_bytes"):
             assert key in r, (label, key)
         R = r["matrix"]
         assert [len(row) for row in R] == [1, 2]
@@ -140,16 +158,19 @@ def test_report_structure(demo):
         assert r["earlier_tasks"] == [R[0][0], R[1][0]]
         assert 0 <= r["knowledge"] <= 100 and r["seconds"] > 0
         # general = the mean over the general test sets, after the last stage and before the first
-        assert set(r["general_tasks"]) == set(world.GENERAL_TASKS) and len(r["general_by_stage"]) == 2
+        assert (set(r["general_tasks"]) == set(world.GENERAL_TASKS)
+                and len(r["general_by_stage"]) == 2)
         assert r["general"] == r["general_by_stage"][-1] == pytest.approx(
             sum(g["stages"][-1] for g in r["general_tasks"].values()) / len(world.GENERAL_TASKS))
-        assert r["base_general"] == rep["base_general"] == pytest.approx(rep["base_general_by_stage"][-1])
+        assert r["base_general"] == rep["base_general"] == pytest.approx(
+            rep["base_general_by_stage"][-1])
     # HFT trains about half the layer tensors: less optimizer state than full fine-tuning.
     assert 0 < rep["hft"]["optimizer_state_bytes"] < rep["fft"]["optimizer_state_bytes"]
     md = (root / "runs/demo/report.md").read_text()
     first, second = continual_stages()[:2]
     assert "| OP (mean of the last row) |" in md and f"| {first} |" in md and f"| {second} |" in md
-    assert md.count("```mermaid\n") == 3 and md.count("xychart-beta") == 3 and "```mermaid" not in out
+    assert (md.count("```mermaid\n") == 3 and md.count("xychart-beta") == 3
+            and "```mermaid" not in out)
     assert "OP (mean of the last row)" in out  # the comparison is printed
 
 
@@ -177,7 +198,8 @@ def test_base_is_an_official_checkpoint_the_runs_start_from(demo):
     assert any(not torch.equal(base[k], after[k]) for k in trainable)
     with open(d / f"fft/{first}/mask.json") as f:
         assert set(json.load(f)["trainable"]) >= set(trainable)
-    # The chat stage trains everything: the base model is the chat stage's export, not pretraining's.
+    # The chat stage trains everything: the base model is the chat stage's export, not
+    # pretraining's.
     pre = torch.load(d / "base/pretrain/consolidated.00.pth", weights_only=True)
     assert all(not torch.equal(pre[k], base[k]) for k in base)
 
@@ -201,29 +223,37 @@ def test_recipes_load_and_each_has_an_fft_twin():
     import glob
     import train
     paths = sorted(glob.glob(os.path.join(ROOT, "configs", "*.toml")))
-    cfgs = {os.path.basename(p)[:-5]: train.load_config(p) for p in paths}  # unknown keys would raise
+    # unknown keys would raise
+    cfgs = {os.path.basename(p)[:-5]: train.load_config(p) for p in paths}
     assert {"demo", "demo_base"} <= set(cfgs)
     twins = [n for n in cfgs if n.endswith("_fft")]
-    assert {"tulu_sft_7b_fft", "tulu_sft_13b_fft", "tulu_dpo_7b_fft", "tulu_dpo_13b_fft", "trace_7b_fft",
-            "trace_13b_fft"} <= set(twins)
+    assert {"tulu_sft_7b_fft", "tulu_sft_13b_fft", "tulu_dpo_7b_fft", "tulu_dpo_13b_fft",
+            "trace_7b_fft", "trace_13b_fft"} <= set(twins)
     for fft_name in twins:
         hft_cfg, fft_cfg = cfgs[fft_name[:-4]], cfgs[fft_name]
-        assert [s["hft"]["granularity"] for s in hft_cfg["stages"]] == ["category"] * len(hft_cfg["stages"])
-        assert [s["hft"]["granularity"] for s in fft_cfg["stages"]] == ["none"] * len(fft_cfg["stages"])
+        assert ([s["hft"]["granularity"] for s in hft_cfg["stages"]]
+                == ["category"] * len(hft_cfg["stages"]))
+        assert ([s["hft"]["granularity"] for s in fft_cfg["stages"]]
+                == ["none"] * len(fft_cfg["stages"]))
         for a, b in zip(hft_cfg["stages"], fft_cfg["stages"]):  # same data, same optimisation
-            assert (a["name"], a["train"], a["eval"], a["train"]) == (b["name"], b["train"], b["eval"], b["train"])
+            assert ((a["name"], a["train"], a["eval"], a["train"])
+                    == (b["name"], b["train"], b["eval"], b["train"]))
         assert hft_cfg["out_dir"] != fft_cfg["out_dir"]
     trace = cfgs["trace_7b"]
-    assert [s["name"] for s in trace["stages"]] == ["C-STANCE", "FOMC", "MeetingBank", "Py150", "ScienceQA",
-                                                    "NumGLUE-cm", "NumGLUE-ds", "20Minuten"]
+    assert [s["name"] for s in trace["stages"]] == ["C-STANCE", "FOMC", "MeetingBank", "Py150",
+                                                    "ScienceQA", "NumGLUE-cm", "NumGLUE-ds",
+                                                    "20Minuten"]
     assert [s["train"]["epochs"] for s in trace["stages"]] == [5, 3, 7, 5, 3, 5, 5, 7]
     assert {s["train"]["lr"] for s in trace["stages"]} == {1e-5}
     sft, dpo = cfgs["tulu_sft_7b"]["stages"][0]["train"], cfgs["tulu_dpo_7b"]["stages"][0]["train"]
-    assert (sft["lr"], sft["epochs"], sft["schedule"], sft["warmup_ratio"], sft["weight_decay"], sft["batch_size"]) \
-        == (2e-5, 2, "linear", 0.03, 0.0, 128)
-    assert (dpo["lr"], dpo["epochs"], dpo["dpo_beta"], dpo["warmup_ratio"], dpo["batch_size"]) == (5e-7, 3, 0.1, 0.1, 32)
-    assert cfgs["tulu_dpo_7b"]["model"]["path"] == os.path.join(cfgs["tulu_sft_7b"]["out_dir"], "sft")
-    assert cfgs["tulu_dpo_7b_fft"]["model"]["path"] == os.path.join(cfgs["tulu_sft_7b_fft"]["out_dir"], "sft")
+    assert (sft["lr"], sft["epochs"], sft["schedule"], sft["warmup_ratio"], sft["weight_decay"],
+            sft["batch_size"]) == (2e-5, 2, "linear", 0.03, 0.0, 128)
+    assert (dpo["lr"], dpo["epochs"], dpo["dpo_beta"], dpo["warmup_ratio"],
+            dpo["batch_size"]) == (5e-7, 3, 0.1, 0.1, 32)
+    assert (cfgs["tulu_dpo_7b"]["model"]["path"]
+            == os.path.join(cfgs["tulu_sft_7b"]["out_dir"], "sft"))
+    assert (cfgs["tulu_dpo_7b_fft"]["model"]["path"]
+            == os.path.join(cfgs["tulu_sft_7b_fft"]["out_dir"], "sft"))
 
 
 def test_study_methods_are_the_papers_rows_and_replay_as_in_trace():

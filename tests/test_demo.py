@@ -236,8 +236,8 @@ def test_recipes_load_and_each_has_an_fft_twin():
         assert ([s["hft"]["granularity"] for s in fft_cfg["stages"]]
                 == ["none"] * len(fft_cfg["stages"]))
         for a, b in zip(hft_cfg["stages"], fft_cfg["stages"]):  # same data, same optimisation
-            assert ((a["name"], a["train"], a["eval"], a["train"])
-                    == (b["name"], b["train"], b["eval"], b["train"]))
+            assert ((a["name"], a["data"], a["eval"], a["train"])
+                    == (b["name"], b["data"], b["eval"], b["train"]))
         assert hft_cfg["out_dir"] != fft_cfg["out_dir"]
     trace = cfgs["trace_7b"]
     assert [s["name"] for s in trace["stages"]] == ["C-STANCE", "FOMC", "MeetingBank", "Py150",

@@ -129,7 +129,6 @@ def launch(args, argv):
     return subprocess.call(cmd, env=env)
 
 
-# ---------------------------------------------------------------------------------------------
 # Building one mode: the trainer's own path (meta device -> HFT mask -> fully_shard -> to_empty).
 
 def build(mode: str, margs: ModelArgs, tcfg: dict, device, args) -> dict:
@@ -204,7 +203,6 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-# ---------------------------------------------------------------------------------------------
 # Memory: resident state (exact, from the tensors) + the step's high-water mark above its start.
 
 def state_bytes(run: dict) -> dict:
@@ -300,7 +298,6 @@ def measure_memory(runs: list, batches: list, tcfg: dict, device) -> dict:
     return out
 
 
-# ---------------------------------------------------------------------------------------------
 # The cost model: what a step must do, from the shapes and the mask alone.
 
 def matrices(margs: ModelArgs) -> dict[str, tuple[int, int]]:
@@ -395,7 +392,6 @@ def cost_model(margs: ModelArgs, seq: int, batch: int, accum: int, world: int, t
                                          + 8 * margs.vocab_size)}}
 
 
-# ---------------------------------------------------------------------------------------------
 # Calibration: this machine's speed for each kind of work the cost model counts.
 
 def _time(fn, reps=5) -> float:
@@ -492,8 +488,6 @@ def counted_gemm_flops(run: dict, mbs: list, tcfg: dict, device) -> int:
     counts = fc.get_flop_counts().get("Global", {})
     return int(sum(v for k, v in counts.items() if str(k) in ("aten.mm", "aten.addmm", "aten.bmm")))
 
-
-# ---------------------------------------------------------------------------------------------
 
 def machine(device) -> dict:
     cpu = platform.processor()
@@ -813,7 +807,6 @@ def profile(runs, batches, tcfg, device, steps=3, rows=24) -> dict:
     return table
 
 
-# ---------------------------------------------------------------------------------------------
 # The plan (train.py --plan): will a run fit, and how long is it. One CPU process, no GPU, no
 # weights: the trainer's own model, sharding, step and optimizer on fake tensors (shapes, no
 # data) under a fake process group of the run's world size, with every tensor's bytes tracked.

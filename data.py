@@ -808,7 +808,6 @@ def dpo_loss(pi_chosen: torch.Tensor, pi_rejected: torch.Tensor, ref_chosen: tor
     return losses, metrics
 
 
-# ---------------------------------------------------------------------------------------------
 # Ranks: the process group every entry point (train.py, eval.py, bench.py) sets up the same way.
 
 def resolve_device(name: str) -> torch.device:

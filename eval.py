@@ -42,7 +42,6 @@ import data
 from checkpoint import atomic_file, load_model, write_json
 from data import rank_world
 
-# ---------------------------------------------------------------------------------------------
 # Metrics, one example at a time, each in [0, 1].
 
 
@@ -319,7 +318,6 @@ TRACE_METRICS = {"cstance": "trace_accuracy", "fomc": "trace_accuracy",
                  "scienceqa": "trace_scienceqa", "numgluecm": "trace_accuracy",
                  "numglueds": "trace_accuracy", "20minuten": "sari"}
 
-# ---------------------------------------------------------------------------------------------
 # Running the model: every rank makes the same calls.
 
 # The default bound on the positions one batch holds (prompts padded to the longest, plus the
@@ -552,7 +550,6 @@ def score_continuations(model, seqs: list[tuple[list[int], int]], batch_size: in
         return _run_batches(batches, run, "score")
 
 
-# ---------------------------------------------------------------------------------------------
 # Files: records -> examples -> scores.
 
 
@@ -825,7 +822,6 @@ def read_predictions(path: str) -> list[str]:
     return preds
 
 
-# ---------------------------------------------------------------------------------------------
 # The stage runner's report.
 
 
@@ -930,7 +926,6 @@ def _report_md(report: dict, stage_names: list[str]) -> str:
     return "\n".join(md)
 
 
-# ---------------------------------------------------------------------------------------------
 # Command line.
 
 

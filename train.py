@@ -48,7 +48,6 @@ from checkpoint import (CheckpointReader, atomic_file, fill_weights, replace_dir
 from data import all_sum, hard_exit, setup_distributed
 from model import Transformer
 
-# ---------------------------------------------------------------------------------------------
 # Config: TOML with these keys (and their defaults); command-line overrides `--section.key value`.
 
 DEFAULTS = {
@@ -262,7 +261,6 @@ def check_together(cfg: dict, path: str):
                                   f"{{path = ..., metric = ...}}, got {item!r}")
 
 
-# ---------------------------------------------------------------------------------------------
 # The sharded model (the process group: data.setup_distributed).
 
 def log(*a):
@@ -386,7 +384,6 @@ def peak_memory(device) -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-# ---------------------------------------------------------------------------------------------
 # Checkpoints: DCP for model + optimizer (sharded), a small JSON/pt per rank for the rest.
 
 def checkpoint_dirs(stage_dir: str) -> list[str]:
@@ -475,7 +472,6 @@ def export(model, reader, path, fmt, dtype_name, tokenizer_path):
     dist.barrier()
 
 
-# ---------------------------------------------------------------------------------------------
 # One stage.
 
 class Preempted(Exception):
@@ -850,7 +846,6 @@ def finish_stage(cfg, stage, stats, eval_result):
     dist.barrier()
 
 
-# ---------------------------------------------------------------------------------------------
 # Evaluation hooks (eval.py computes; the runner decides what and when).
 
 def evaluate_all(cfg, model, tok, files, tcfg: dict, device) -> dict:

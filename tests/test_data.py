@@ -482,7 +482,6 @@ def test_jsonl_lines_end_at_newline_only(tmp_path, ch):
             data.read_records(str(p))
 
 
-# ---------------------------------------------------------------------------------------------
 # The tokenized-data cache
 
 

@@ -12,7 +12,6 @@ import torch
 import eval as ev
 
 
-# ---------------------------------------------------------------------------------------------
 # Metrics
 
 
@@ -244,7 +243,6 @@ def test_continual_metrics_worked_example():
         ev.continual_metrics([[1], [2]])
 
 
-# ---------------------------------------------------------------------------------------------
 # Running a tiny model
 
 
@@ -542,7 +540,6 @@ def test_default_metric_by_record_shape():
     assert ev._default_metric("x/task.json", {"prompt": "p", "answer": "a"}) == "accuracy"
 
 
-# ---------------------------------------------------------------------------------------------
 # Two ranks, FSDP2-sharded: same results as one process, same forward count on every rank.
 
 
@@ -761,7 +758,6 @@ def test_gathered_all_gathers_once_per_evaluation(tiny_args, tok, spm_path, tmp_
     assert r0["bf16_default"] == r0["bf16_explicit"] == r0["bf16_full"]
 
 
-# ---------------------------------------------------------------------------------------------
 # Report
 
 
@@ -804,7 +800,6 @@ def test_write_report_two_stages(tmp_path):
                         [stages[0], {**stages[1], "evals": {"b.json": r(1), "c.json": r(1)}}])
 
 
-# ---------------------------------------------------------------------------------------------
 # Command line
 
 
@@ -837,7 +832,6 @@ def test_cli_reports_a_bad_file_and_fails(tiny_args, spm_path, tmp_path, capsys)
     assert "nope.jsonl" in capsys.readouterr().err
 
 
-# ---------------------------------------------------------------------------------------------
 # Predictions made elsewhere
 
 

@@ -176,17 +176,16 @@ def _encode_prompt_answer(tok: Tokenizer, prompt: str, answer: str):
     return p + a, [IGNORE_INDEX] * len(p) + a
 
 
-def read_records(path: str) -> list[tuple[int, dict]]:
-    """(line number, record) for .jsonl (blank lines skipped), (list index, record) for a .json
-    file holding a list, [(1, {"text": whole file})] for .txt.
-
-    JSON Lines are split at "\n" (a "\r" before it is dropped) and each line is strict JSON: a
-    raw control character (U+0000-U+001F) inside a string is an error naming it, as in json.loads,
-    Node and jq; JSON writers escape those."""
+def _extension(path: str) -> str:
     ext = os.path.splitext(path)[1].lower()
     if ext not in (".jsonl", ".json", ".txt"):
         raise DataError(f"{path}: unsupported file type {ext or '(none)'}; expected .jsonl, "
                         f".json (a list) or .txt")
+    return ext
+
+
+def _read_text(path: str) -> str:
+    """A .json or .txt data file's text, with errors naming the file (and line for bad UTF-8)."""
     try:
         with open(path, "rb") as f:
             raw = f.read()
@@ -201,9 +200,66 @@ def read_records(path: str) -> list[tuple[int, dict]]:
     text = text.removeprefix("\ufeff")  # a UTF-8 byte-order mark is not content
     if not text.strip():
         raise DataError(f"{path}: empty file")
-    if ext == ".txt":
-        return [(1, {"text": text})]
-    if ext == ".json":
+    return text
+
+
+def _jsonl_lines(path: str):
+    """Yield (line number, line) for each non-blank line of a JSON Lines file, one at a time."""
+    # Records end at "\n" only (binary line iteration splits there). str.splitlines() also breaks
+    # at U+2028, U+2029 and U+0085, which JSON allows raw in strings (json.dumps(ensure_ascii=
+    # False), jq -c, Node write them so), and at \x0b \x0c \x1c-\x1e.
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise DataError(f"{path}: cannot read data file: {e.strerror or e}") from e
+    with f:
+        offset = 0
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}: line {n}: bytes that are not UTF-8 "
+                                f"(byte offset {offset + e.start})") from None
+            offset += len(raw)
+            if n == 1:
+                line = line.removeprefix("\ufeff")  # a UTF-8 byte-order mark is not content
+            line = line.removesuffix("\n").removesuffix("\r")  # CRLF files
+            if line.strip():
+                yield n, line
+
+
+def _parse_line(path: str, n: int, line: str) -> dict:
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: line {n}: malformed JSON ({_json_error(e)}, "
+                        f"column {e.colno})") from None
+    return rec
+
+
+def _check_objects(path: str, records: list[tuple[int, object]]):
+    for n, rec in records:
+        if not isinstance(rec, dict):
+            raise DataError(f"{_where(path, n)}: a record must be a JSON object, found a "
+                            f"{type(rec).__name__}")
+
+
+def read_records(path: str) -> list[tuple[int, dict]]:
+    """(line number, record) for .jsonl (blank lines skipped), (list index, record) for a .json
+    file holding a list, [(1, {"text": whole file})] for .txt.
+
+    JSON Lines are split at "\n" (a "\r" before it is dropped) and each line is strict JSON: a
+    raw control character (U+0000-U+001F) inside a string is an error naming it, as in json.loads,
+    Node and jq; JSON writers escape those."""
+    ext = _extension(path)
+    if ext == ".jsonl":
+        records = [(n, _parse_line(path, n, line)) for n, line in _jsonl_lines(path)]
+        if not records:
+            raise DataError(f"{path}: empty file")
+    elif ext == ".txt":
+        return [(1, {"text": _read_text(path)})]
+    else:
+        text = _read_text(path)
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as e:
@@ -215,25 +271,36 @@ def read_records(path: str) -> list[tuple[int, dict]]:
         if not obj:
             raise DataError(f"{path}: empty file (the list holds no records)")
         records = list(enumerate(obj))
-    else:
-        records = []
-        # Records end at "\n" only. str.splitlines() also breaks at U+2028, U+2029 and U+0085,
-        # which JSON allows raw in strings (json.dumps(ensure_ascii=False), jq -c, Node write
-        # them so), and at \x0b \x0c \x1c-\x1e, which would shift the reported line numbers.
-        for n, line in enumerate(text.split("\n"), 1):
-            line = line.removesuffix("\r")  # CRLF files
-            if not line.strip():
-                continue
-            try:
-                records.append((n, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}: line {n}: malformed JSON ({_json_error(e)}, "
-                                f"column {e.colno})") from None
-    for n, rec in records:
-        if not isinstance(rec, dict):
-            raise DataError(f"{_where(path, n)}: a record must be a JSON object, found a "
-                            f"{type(rec).__name__}")
+    _check_objects(path, records)
     return records
+
+
+def read_record_slice(path: str, part: int, parts: int) -> tuple[list, int, tuple[int, dict]]:
+    """Slice `part` of `parts` contiguous slices of read_records(path), with the number of records
+    in the whole file and the first record (which decides the format).
+
+    A .jsonl file is read twice, a line at a time: once to count the records, once to parse the
+    first record and this slice's, and nothing else is kept. On a first start each rank so holds
+    only its own slice (Tulu V2's 326k conversations as Python dicts are several GB). A .json list
+    is parsed whole. A bad record is reported by the rank whose slice holds it."""
+    if _extension(path) != ".jsonl":
+        records = read_records(path)
+        n = len(records)
+        return records[part * n // parts:(part + 1) * n // parts], n, records[0]
+    n = sum(1 for _ in _jsonl_lines(path))
+    if not n:
+        raise DataError(f"{path}: empty file")
+    lo, hi = part * n // parts, (part + 1) * n // parts
+    first, mine = None, []
+    for i, (m, line) in enumerate(_jsonl_lines(path)):
+        if i == 0:
+            first = (m, _parse_line(path, m, line))
+        if i >= hi:
+            break
+        if i >= lo:
+            mine.append(first if i == 0 else (m, _parse_line(path, m, line)))
+    _check_objects(path, [first] + mine)
+    return mine, n, first
 
 
 def _json_error(e: json.JSONDecodeError) -> str:
@@ -503,11 +570,8 @@ class Examples:
 def _tokenize_part(path: str, kind: str, tok: Tokenizer, L: int, tmp: str) -> dict:
     """Tokenize this rank's contiguous slice of the records into part-<rank> arrays under tmp."""
     rank, world = rank_world()
-    records = read_records(path)
-    fmt = _detect_format(path, kind, *records[0])
-    n_records = len(records)
-    mine = records[rank * n_records // world:(rank + 1) * n_records // world]
-    del records  # the other ranks' records
+    mine, n_records, first = read_record_slice(path, rank, world)
+    fmt = _detect_format(path, kind, *first)
     # array("i") holds 4 bytes per token where a list of ints holds 36
     bufs = {side: (array("i"), array("i"), array("q")) for side in _sides(kind)}
     dropped, n_examples = Counter(), 0

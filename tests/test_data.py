@@ -482,6 +482,32 @@ def test_jsonl_lines_end_at_newline_only(tmp_path, ch):
             data.read_records(str(p))
 
 
+def test_record_slices_parse_only_their_own_lines(tmp_path):
+    """Each rank of a first start parses only its own slice of a .jsonl file; the slices, in order,
+    are read_records' records, counted over the whole file, blank lines skipped."""
+    recs = [{"text": f"r{i}\u2028"} for i in range(7)]
+    lines = [json.dumps(r, ensure_ascii=False) for r in recs]
+    p = tmp_path / "x.jsonl"
+    p.write_text("\n".join(lines[:3]) + "\n\n  \n" + "\n".join(lines[3:]) + "\n", "utf-8")
+    whole = data.read_records(str(p))
+    for parts in (1, 2, 3, 8):
+        got = [data.read_record_slice(str(p), i, parts) for i in range(parts)]
+        assert [r for mine, _, _ in got for r in mine] == whole
+        assert all(n == 7 and first == whole[0] for _, n, first in got)
+    # A malformed record on line 8 (the 6th) is only seen by the slice that holds it.
+    p.write_text("\n".join(lines[:3]) + "\n\n  \n" + "\n".join(lines[3:5]) + "\n{oops\n"
+                 + lines[6] + "\n", "utf-8")
+    assert data.read_record_slice(str(p), 0, 2)[0] == whole[:3]
+    with pytest.raises(DataError, match=r"x\.jsonl: line 8: malformed JSON"):
+        data.read_record_slice(str(p), 1, 2)
+    p.write_text("[1]\n" + lines[0] + "\n", "utf-8")  # the first record decides the format
+    with pytest.raises(DataError, match=r"x\.jsonl: line 1: a record must be a JSON object"):
+        data.read_record_slice(str(p), 1, 2)
+    j = tmp_path / "x.json"
+    j.write_text(json.dumps(recs), "utf-8")
+    assert data.read_record_slice(str(j), 1, 2) == (list(enumerate(recs))[3:], 7, (0, recs[0]))
+
+
 # The tokenized-data cache
 
 

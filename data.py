@@ -735,6 +735,13 @@ def collate(examples: list[dict], pad_id: int = 0) -> dict[str, torch.Tensor]:
     return _pad(examples, pad_id)
 
 
+def _generator(key: str) -> torch.Generator:
+    """A private CPU generator seeded from sha256(key): the global RNG is untouched, and every
+    rank and every restart that names the same key draws the same numbers."""
+    digest = hashlib.sha256(key.encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
 def replay_indices(sizes: list[int], n: int, seed: int, stage: int) -> list[list[int]]:
     """Which examples of each earlier stage (of these sizes) a stage replays, n in all: an equal
     share from each (the first n % k stages one more), drawn without replacement within a stage
@@ -746,8 +753,7 @@ def replay_indices(sizes: list[int], n: int, seed: int, stage: int) -> list[list
         if share > size:
             raise DataError(f"train.replay asks for {share} examples of earlier stage {j}, which "
                             f"has only {size}")
-        key = hashlib.sha256(f"replay/{seed}/{stage}/{j}".encode()).digest()
-        g = torch.Generator().manual_seed(int.from_bytes(key[:8], "little") >> 1)
+        g = _generator(f"replay/{seed}/{stage}/{j}")
         picks.append(sorted(torch.randperm(size, generator=g)[:share].tolist()))
     return picks
 
@@ -804,8 +810,7 @@ class StepSampler:
 
     def permutation(self, epoch: int) -> list[int]:
         if self._perm[0] != epoch:
-            key = hashlib.sha256(f"{self.seed}/{self.stage}/{epoch}".encode()).digest()
-            g = torch.Generator().manual_seed(int.from_bytes(key[:8], "little") >> 1)
+            g = _generator(f"{self.seed}/{self.stage}/{epoch}")
             self._perm = (epoch, torch.randperm(self.n, generator=g).tolist())
         return self._perm[1]
 

@@ -518,8 +518,8 @@ class Examples:
     """The tokenized examples of one data file, memory-mapped from a cache directory written by
     cached_examples: examples[i] is load_examples' dict, its sequences int32 numpy views into the
     maps (read-only; data.collate takes them as it takes lists), so no rank holds the set in its
-    heap. `.fingerprint` ({"path", "size", "sha256"}) names the training file the arrays came from;
-    `.n_tokens` counts every sequence's tokens (both sides of a dpo pair)."""
+    heap. `.fingerprint` ({"path", "size", "sha256"}) names the training file the arrays came
+    from."""
 
     def __init__(self, directory: str):
         self.directory = directory
@@ -532,7 +532,6 @@ class Examples:
             raise DataError(f"{directory}: unreadable tokenized data ({e}); "
                             f"delete the directory to rebuild it") from e
         self.fingerprint = {k: self.meta[k] for k in ("path", "size", "sha256")}
-        self.n_tokens = sum(len(ids) for ids, _, _ in self._arrays.values())
 
     def _load(self, side: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         ids, labels, offsets = (np.load(os.path.join(self.directory, f"{side}{name}.npy"),

@@ -569,6 +569,9 @@ class Examples:
 def _tokenize_part(path: str, kind: str, tok: Tokenizer, L: int, tmp: str) -> dict:
     """Tokenize this rank's contiguous slice of the records into part-<rank> arrays under tmp."""
     rank, world = rank_world()
+    if not os.path.isdir(tmp):  # checked before minutes of tokenizing, with the cause named
+        raise DataError(f"rank {rank}: {tmp}, which rank 0 made, is not there (every rank must "
+                        f"see {os.path.dirname(tmp)}: on several nodes, a filesystem they share)")
     mine, n_records, first = read_record_slice(path, rank, world)
     fmt = _detect_format(path, kind, *first)
     # array("i") holds 4 bytes per token where a list of ints holds 36

@@ -771,6 +771,10 @@ def test_cache_part_parses_only_its_slice(tok, tmp_path, monkeypatch):
         assert flat == [t for e in want for t in e[name]]
     lengths = np.load(tmp_path / "part-00001.lengths.npy").tolist()
     assert lengths == [len(e["input_ids"]) for e in want]
+    # A rank on a node that does not see the cache directory says so, before tokenizing.
+    with pytest.raises(DataError, match=r"rank 1: .*elsewhere\.tmp, which rank 0 made, is not "
+                                        r"there \(every rank must see .*a filesystem they share"):
+        data._tokenize_part(str(p), "sft", tok, 64, str(tmp_path / "elsewhere.tmp"))
     monkeypatch.setattr(data, "rank_world", lambda: (0, 2))
     with pytest.raises(DataError, match=r"x\.jsonl: line 2: malformed JSON"):
         data._tokenize_part(str(p), "sft", tok, 64, str(tmp_path))

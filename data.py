@@ -518,8 +518,8 @@ class Examples:
     """The tokenized examples of one data file, memory-mapped from a cache directory written by
     cached_examples: examples[i] is load_examples' dict, its sequences int32 numpy views into the
     maps (read-only; data.collate takes them as it takes lists), so no rank holds the set in its
-    heap. `.fingerprint` ({"path", "size", "sha256"}) names the training file the arrays came from;
-    `.n_tokens` counts every sequence's tokens (both sides of a dpo pair)."""
+    heap. `.fingerprint` ({"path", "size", "sha256"}) names the training file the arrays came
+    from."""
 
     def __init__(self, directory: str):
         self.directory = directory
@@ -532,7 +532,6 @@ class Examples:
             raise DataError(f"{directory}: unreadable tokenized data ({e}); "
                             f"delete the directory to rebuild it") from e
         self.fingerprint = {k: self.meta[k] for k in ("path", "size", "sha256")}
-        self.n_tokens = sum(len(ids) for ids, _, _ in self._arrays.values())
 
     def _load(self, side: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         ids, labels, offsets = (np.load(os.path.join(self.directory, f"{side}{name}.npy"),
@@ -570,6 +569,9 @@ class Examples:
 def _tokenize_part(path: str, kind: str, tok: Tokenizer, L: int, tmp: str) -> dict:
     """Tokenize this rank's contiguous slice of the records into part-<rank> arrays under tmp."""
     rank, world = rank_world()
+    if not os.path.isdir(tmp):  # checked before minutes of tokenizing, with the cause named
+        raise DataError(f"rank {rank}: {tmp}, which rank 0 made, is not there (every rank must "
+                        f"see {os.path.dirname(tmp)}: on several nodes, a filesystem they share)")
     mine, n_records, first = read_record_slice(path, rank, world)
     fmt = _detect_format(path, kind, *first)
     # array("i") holds 4 bytes per token where a list of ints holds 36
@@ -735,6 +737,13 @@ def collate(examples: list[dict], pad_id: int = 0) -> dict[str, torch.Tensor]:
     return _pad(examples, pad_id)
 
 
+def _generator(key: str) -> torch.Generator:
+    """A private CPU generator seeded from sha256(key): the global RNG is untouched, and every
+    rank and every restart that names the same key draws the same numbers."""
+    digest = hashlib.sha256(key.encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
 def replay_indices(sizes: list[int], n: int, seed: int, stage: int) -> list[list[int]]:
     """Which examples of each earlier stage (of these sizes) a stage replays, n in all: an equal
     share from each (the first n % k stages one more), drawn without replacement within a stage
@@ -746,8 +755,7 @@ def replay_indices(sizes: list[int], n: int, seed: int, stage: int) -> list[list
         if share > size:
             raise DataError(f"train.replay asks for {share} examples of earlier stage {j}, which "
                             f"has only {size}")
-        key = hashlib.sha256(f"replay/{seed}/{stage}/{j}".encode()).digest()
-        g = torch.Generator().manual_seed(int.from_bytes(key[:8], "little") >> 1)
+        g = _generator(f"replay/{seed}/{stage}/{j}")
         picks.append(sorted(torch.randperm(size, generator=g)[:share].tolist()))
     return picks
 
@@ -804,8 +812,7 @@ class StepSampler:
 
     def permutation(self, epoch: int) -> list[int]:
         if self._perm[0] != epoch:
-            key = hashlib.sha256(f"{self.seed}/{self.stage}/{epoch}".encode()).digest()
-            g = torch.Generator().manual_seed(int.from_bytes(key[:8], "little") >> 1)
+            g = _generator(f"{self.seed}/{self.stage}/{epoch}")
             self._perm = (epoch, torch.randperm(self.n, generator=g).tolist())
         return self._perm[1]
 

@@ -579,7 +579,10 @@ def test_cached_examples_equal_load_examples(tok, tmp_path, fmt):
     seqs = [s for e in got for s in ((e["chosen"], e["rejected"]) if kind == "dpo" else (e,))]
     assert all(s[k].dtype == np.int32 and mapped(s[k])
                for s in seqs for k in ("input_ids", "labels"))
-    assert got.n_tokens == sum(len(s["input_ids"]) for s in seqs)
+    for side in data._sides(kind):  # the flat arrays hold the examples' tokens in order, no more
+        for name in ("input_ids", "labels"):
+            flat = np.load(os.path.join(got.directory, f"{side}{name}.npy"))
+            assert flat.tolist() == [t for e in want for t in (e[side[:-1]] if side else e)[name]]
     raw = open(path, "rb").read()
     assert got.fingerprint == {"path": path, "size": len(raw),
                                "sha256": hashlib.sha256(raw).hexdigest()}
@@ -751,6 +754,32 @@ def test_two_ranks_cache_byte_identical_and_errors_reach_all(spm_path, tmp_path)
     assert not [d for d in os.listdir(tmp_path / "two") if d.startswith("bad")]
 
 
+def test_cache_part_parses_only_its_slice(tok, tmp_path, monkeypatch):
+    """A rank of a first start tokenizes its slice read by read_record_slice: a malformed line in
+    another rank's slice is not its error, and its part holds its slice's examples only."""
+    recs = [{"messages": [U1, A1]}, {"messages": [SYS, U2, A2]}, {"messages": CONV}] * 2
+    lines = [json.dumps(r) for r in recs]
+    p = tmp_path / "x.jsonl"
+    p.write_text("\n".join(lines[:1] + ["{oops"] + lines[2:]) + "\n", "utf-8")  # line 2: rank 0's
+    want = data.load_examples(write_jsonl(tmp_path / "half.jsonl", recs[3:]), "sft", tok, 64,
+                              log=lambda *a: None)
+    monkeypatch.setattr(data, "rank_world", lambda: (1, 2))
+    part = data._tokenize_part(str(p), "sft", tok, 64, str(tmp_path))
+    assert (part["format"], part["records"], part["examples"]) == ("chat", 6, 3)
+    for name in ("input_ids", "labels"):
+        flat = np.load(tmp_path / f"part-00001.{name}.npy").tolist()
+        assert flat == [t for e in want for t in e[name]]
+    lengths = np.load(tmp_path / "part-00001.lengths.npy").tolist()
+    assert lengths == [len(e["input_ids"]) for e in want]
+    # A rank on a node that does not see the cache directory says so, before tokenizing.
+    with pytest.raises(DataError, match=r"rank 1: .*elsewhere\.tmp, which rank 0 made, is not "
+                                        r"there \(every rank must see .*a filesystem they share"):
+        data._tokenize_part(str(p), "sft", tok, 64, str(tmp_path / "elsewhere.tmp"))
+    monkeypatch.setattr(data, "rank_world", lambda: (0, 2))
+    with pytest.raises(DataError, match=r"x\.jsonl: line 2: malformed JSON"):
+        data._tokenize_part(str(p), "sft", tok, 64, str(tmp_path))
+
+
 def test_replay_draw_counts_and_determinism():
     picks = data.replay_indices([40, 10, 30], 20, seed=1, stage=3)
     assert [len(p) for p in picks] == [7, 7, 6]  # equal shares, the first stages one more
@@ -775,3 +804,31 @@ def test_mixture_indexes_own_then_replayed():
     assert m.fingerprints == [{"path": "own"}, {"path": "a"}]
     with pytest.raises(IndexError):
         m[4]
+
+
+def test_control_group_is_one_gloo_twin_per_process_group(tmp_path, monkeypatch):
+    """Under NCCL, all_sum's host-side numbers go over a gloo twin of the default group: made once
+    per process group (new_group is collective), float64 CPU tensors. Here gloo poses as nccl."""
+    import torch.distributed as dist
+    new_group, all_reduce = dist.new_group, dist.all_reduce
+    made, reduced = [], []
+
+    def record(t, group=None, **kw):
+        reduced.append((t.device, t.dtype, group))
+        return all_reduce(t, group=group, **kw)
+    for i in range(2):  # a second process group gets a twin of its own
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg{i}", rank=0,
+                                world_size=1)
+        try:
+            assert data.control_group() is None  # under gloo: the default group itself
+            with monkeypatch.context() as m:
+                m.setattr(dist, "get_backend", lambda group=None: "nccl")
+                m.setattr(dist, "new_group", lambda **kw: made.append(kw) or new_group(**kw))
+                m.setattr(dist, "all_reduce", record)
+                twin = data.control_group()
+                assert data.all_sum(3) + data.all_sum(True) == 4.0
+                assert twin is not None and data.control_group() is twin
+                assert made == [{"backend": "gloo"}] * (i + 1)
+                assert reduced[-2:] == [(torch.device("cpu"), torch.float64, twin)] * 2
+        finally:
+            dist.destroy_process_group()

@@ -373,7 +373,11 @@ def test_token_budget_bounds_batches_and_changes_no_result(tiny_model, tok):
     longest = max(len(tok.encode(p, True, False)) for p in prompts)
     budget = 2 * (longest + new)  # the two longest prompts and their new tokens fit exactly
     shapes = _prefill_shapes(tiny_model)
+    rows = []  # positions each prefill's logits hold: the last only, not P x vocab of them
+    tiny_model.register_forward_hook(
+        lambda m, args, out: rows.append(out.shape[1]) if args[1:2] == (0,) else None)
     assert gen(budget) == free
+    assert rows == [1] * len(shapes)
     assert shapes[0][0] == 2 and sum(B for B, _ in shapes) == len(prompts)
     for k, (B, P) in enumerate(shapes):
         assert B * (P + new) <= budget  # the KV cache holds B x (P + new) positions

@@ -325,7 +325,8 @@ TRACE_METRICS = {"cstance": "trace_accuracy", "fomc": "trace_accuracy",
 # head_dim values per position, in bf16 512 KiB at 7B and 800 KiB at 13B, so 16384 positions
 # are 8 GiB and 12.5 GiB (TRACE's 16 prompts x 4096 positions were 32 and 50 GiB). Short prompts
 # still go 16 at a time (16 x (512 + 512)), full-length ones 4. Scoring (mc, ppl) holds float32
-# logits for every position: 16384 x 32000 x 4 bytes = 2 GiB.
+# logits for every position, 16384 x 32000 x 4 bytes = 2 GiB, and data.sequence_logps as much
+# again twice over (the shifted copy, the log-softmax): 6 GiB at its peak.
 MAX_BATCH_TOKENS = 16384
 
 _HELD = weakref.WeakSet()  # FSDP modules that a `gathered` block keeps unsharded

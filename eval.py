@@ -726,17 +726,17 @@ def evaluate_file(model, tokenizer, path: str, metric: str | None = None, max_ne
                   dtype: torch.dtype | None = None) -> dict:
     """Score a model on one file. `score` is 0-100 (mean of the per-example metric), or the
     perplexity exp(total NLL / total tokens) for 'ppl', where lower is better. Batching and
-    `dtype` (the compute dtype) as in `generate`; the model is gathered for the file."""
+    `dtype` (the compute dtype) as in `generate`; the model is gathered once for the file (by the
+    one `generate` or `score_continuations` call that scores it)."""
     metric, examples = read_eval_file(path, metric)
-    with gathered(model):
-        if metric == "ppl":
-            preds = _score_text(model, tokenizer, examples, batch_size, max_batch_tokens)
-        elif metric == "mc":
-            preds = _score_choices(model, tokenizer, examples, batch_size, max_batch_tokens)
-        else:
-            texts = generate(model, tokenizer, [ex["prompt"] for ex in examples], max_new_tokens,
-                             batch_size, max_batch_tokens, dtype)
-            preds = _score_texts(examples, metric, texts)
+    if metric == "ppl":
+        preds = _score_text(model, tokenizer, examples, batch_size, max_batch_tokens)
+    elif metric == "mc":
+        preds = _score_choices(model, tokenizer, examples, batch_size, max_batch_tokens)
+    else:
+        texts = generate(model, tokenizer, [ex["prompt"] for ex in examples], max_new_tokens,
+                         batch_size, max_batch_tokens, dtype)
+        preds = _score_texts(examples, metric, texts)
     if metric == "ppl":
         tokens = sum(p["tokens"] for p in preds)
         if tokens == 0:

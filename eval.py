@@ -325,7 +325,8 @@ TRACE_METRICS = {"cstance": "trace_accuracy", "fomc": "trace_accuracy",
 # head_dim values per position, in bf16 512 KiB at 7B and 800 KiB at 13B, so 16384 positions
 # are 8 GiB and 12.5 GiB (TRACE's 16 prompts x 4096 positions were 32 and 50 GiB). Short prompts
 # still go 16 at a time (16 x (512 + 512)), full-length ones 4. Scoring (mc, ppl) holds float32
-# logits for every position: 16384 x 32000 x 4 bytes = 2 GiB.
+# logits for every position, 16384 x 32000 x 4 bytes = 2 GiB, and data.sequence_logps as much
+# again twice over (the shifted copy, the log-softmax): 6 GiB at its peak.
 MAX_BATCH_TOKENS = 16384
 
 _HELD = weakref.WeakSet()  # FSDP modules that a `gathered` block keeps unsharded
@@ -725,17 +726,17 @@ def evaluate_file(model, tokenizer, path: str, metric: str | None = None, max_ne
                   dtype: torch.dtype | None = None) -> dict:
     """Score a model on one file. `score` is 0-100 (mean of the per-example metric), or the
     perplexity exp(total NLL / total tokens) for 'ppl', where lower is better. Batching and
-    `dtype` (the compute dtype) as in `generate`; the model is gathered for the file."""
+    `dtype` (the compute dtype) as in `generate`; the model is gathered once for the file (by the
+    one `generate` or `score_continuations` call that scores it)."""
     metric, examples = read_eval_file(path, metric)
-    with gathered(model):
-        if metric == "ppl":
-            preds = _score_text(model, tokenizer, examples, batch_size, max_batch_tokens)
-        elif metric == "mc":
-            preds = _score_choices(model, tokenizer, examples, batch_size, max_batch_tokens)
-        else:
-            texts = generate(model, tokenizer, [ex["prompt"] for ex in examples], max_new_tokens,
-                             batch_size, max_batch_tokens, dtype)
-            preds = _score_texts(examples, metric, texts)
+    if metric == "ppl":
+        preds = _score_text(model, tokenizer, examples, batch_size, max_batch_tokens)
+    elif metric == "mc":
+        preds = _score_choices(model, tokenizer, examples, batch_size, max_batch_tokens)
+    else:
+        texts = generate(model, tokenizer, [ex["prompt"] for ex in examples], max_new_tokens,
+                         batch_size, max_batch_tokens, dtype)
+        preds = _score_texts(examples, metric, texts)
     if metric == "ppl":
         tokens = sum(p["tokens"] for p in preds)
         if tokens == 0:

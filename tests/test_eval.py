@@ -373,7 +373,11 @@ def test_token_budget_bounds_batches_and_changes_no_result(tiny_model, tok):
     longest = max(len(tok.encode(p, True, False)) for p in prompts)
     budget = 2 * (longest + new)  # the two longest prompts and their new tokens fit exactly
     shapes = _prefill_shapes(tiny_model)
+    rows = []  # positions each prefill's logits hold: the last only, not P x vocab of them
+    tiny_model.register_forward_hook(
+        lambda m, args, out: rows.append(out.shape[1]) if args[1:2] == (0,) else None)
     assert gen(budget) == free
+    assert rows == [1] * len(shapes)
     assert shapes[0][0] == 2 and sum(B for B, _ in shapes) == len(prompts)
     for k, (B, P) in enumerate(shapes):
         assert B * (P + new) <= budget  # the KV cache holds B x (P + new) positions
@@ -555,43 +559,73 @@ class _EosAs:
 DIST_PROMPTS = PROMPTS + ["two"]
 
 
-def _dist_worker(rank, world, init_file, out_dir, args_dict, spm_path, files, stop):
+def _rank_main(rank, world, out_dir, body, args):
+    """One spawned rank: a gloo group of `world` ranks, then body(*args)'s JSON result written to
+    out_dir/rank{rank}.json."""
     import torch.distributed as dist
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     import data
-    from model import ModelArgs, Transformer
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/init", rank=rank,
+                            world_size=world)
     try:
-        tok = data.Tokenizer(spm_path)
-        result = {}
-        for name, mp in (("fp32", MixedPrecisionPolicy()),
-                         ("bf16", MixedPrecisionPolicy(param_dtype=torch.bfloat16))):
-            model = Transformer(ModelArgs(**args_dict))
-            model.init_weights(0)
-            for block in model.layers:
-                fully_shard(block, mp_policy=mp)
-            fully_shard(model, mp_policy=mp)
-            calls = []
-            model.register_forward_pre_hook(lambda m, a: calls.append(1))
-            if name == "bf16":  # mixed precision: the cache must hold bf16, as attention computes
-                result[name] = {"gen": ev.generate(model, tok, DIST_PROMPTS[:2], max_new_tokens=3)}
-                continue
-            result[name] = {
-                "gen": ev.generate(model, tok, DIST_PROMPTS, max_new_tokens=6, batch_size=2),
-                # Rank 0's first prompt ends at once, rank 1's runs on: rank 0 must keep stepping
-                # in step with it, or its later forwards pair with rank 1's and the counts differ.
-                "eos": ev.generate(model, _EosAs(tok, stop), DIST_PROMPTS[:4], max_new_tokens=6,
-                                   batch_size=1),
-                "evals": {f: ev.evaluate_file(model, tok, f, batch_size=2)["score"] for f in files},
-                "calls": len(calls)}
+        result = body(*args)
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(result, f)
         dist.barrier()
     finally:
         dist.destroy_process_group()
     data.hard_exit(0)  # skip finalization: see data.hard_exit
+
+
+def _run_ranks(tmp_path, body, *args, world=2, timeout=120) -> list:
+    """body(*args) on `world` spawned gloo ranks -> each rank's result. A rank still running after
+    the timeout waits in a collective the others never made: every such rank is killed, not only
+    the first, and the test fails naming them."""
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_rank_main, args=(r, world, str(tmp_path), body, args))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=timeout)
+    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    for r in hung:
+        procs[r].kill()
+    if hung:
+        pytest.fail(f"rank(s) {hung} hung: the ranks made different collective calls")
+    assert [p.exitcode for p in procs] == [0] * world
+    return [json.load(open(tmp_path / f"rank{r}.json")) for r in range(world)]
+
+
+def _dist_body(args_dict, spm_path, files, stop):
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    import data
+    from model import ModelArgs, Transformer
+    tok = data.Tokenizer(spm_path)
+    result = {}
+    for name, mp in (("fp32", MixedPrecisionPolicy()),
+                     ("bf16", MixedPrecisionPolicy(param_dtype=torch.bfloat16))):
+        model = Transformer(ModelArgs(**args_dict))
+        model.init_weights(0)
+        for block in model.layers:
+            fully_shard(block, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)
+        calls = []
+        model.register_forward_pre_hook(lambda m, a: calls.append(1))
+        if name == "bf16":  # mixed precision: the cache must hold bf16, as attention computes
+            result[name] = {"gen": ev.generate(model, tok, DIST_PROMPTS[:2], max_new_tokens=3)}
+            continue
+        result[name] = {
+            "gen": ev.generate(model, tok, DIST_PROMPTS, max_new_tokens=6, batch_size=2),
+            # Rank 0's first prompt ends at once, rank 1's runs on: rank 0 must keep stepping
+            # in step with it, or its later forwards pair with rank 1's and the counts differ.
+            "eos": ev.generate(model, _EosAs(tok, stop), DIST_PROMPTS[:4], max_new_tokens=6,
+                               batch_size=1),
+            "evals": {f: ev.evaluate_file(model, tok, f, batch_size=2)["score"] for f in files},
+            "calls": len(calls)}
+    return result
 
 
 def test_two_ranks_fsdp_match_one_process(tiny_args, tok, spm_path, tmp_path):
@@ -612,20 +646,7 @@ def test_two_ranks_fsdp_match_one_process(tiny_args, tok, spm_path, tmp_path):
               "eos": ev.generate(model, _EosAs(tok, stop), DIST_PROMPTS[:4], max_new_tokens=6),
               "evals": {f: ev.evaluate_file(model, tok, f, batch_size=2)["score"] for f in files}}
     assert single["eos"][0] == "" and single["eos"][1] == single["gen"][1]
-    ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_dist_worker, args=(r, 2, str(tmp_path / "init"), str(tmp_path),
-                                                    asdict(tiny_args), spm_path, files, stop))
-             for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    for p in procs:
-        if p.is_alive():  # a rank stuck in a collective: the other made a different number of calls
-            p.kill()
-            pytest.fail("a rank hung: ranks made different numbers of forward calls")
-        assert p.exitcode == 0
-    r0, r1 = (json.load(open(tmp_path / f"rank{r}.json")) for r in range(2))
+    r0, r1 = _run_ranks(tmp_path, _dist_body, asdict(tiny_args), spm_path, files, stop)
     assert r0 == r1  # every rank gets all results, and made the same number of calls
     assert r0["fp32"]["gen"] == single["gen"] and r0["fp32"]["eos"] == single["eos"]
     for f in files:
@@ -633,7 +654,7 @@ def test_two_ranks_fsdp_match_one_process(tiny_args, tok, spm_path, tmp_path):
     assert len(r0["bf16"]["gen"]) == 2
 
 
-def _gathered_worker(rank, world, init_file, out_dir, args_dict, spm_path):
+def _gathered_body(args_dict, spm_path):
     import torch.distributed as dist
     import torch.nn.functional as F
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -641,82 +662,73 @@ def _gathered_worker(rank, world, init_file, out_dir, args_dict, spm_path):
 
     import data
     from model import ModelArgs, Transformer
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     gathers = []  # FSDP2's parameter all-gathers (all_gather_single in torch 2.13)
     for name in ("all_gather_single", "all_gather_into_tensor"):
         setattr(dist, name,
                 lambda *a, _f=getattr(dist, name), **k: gathers.append(1) or _f(*a, **k))
+    tok = data.Tokenizer(spm_path)
+
+    def sharded(mp=MixedPrecisionPolicy()):
+        model = Transformer(ModelArgs(**args_dict))
+        model.init_weights(0)
+        for block in model.layers:
+            fully_shard(block, mp_policy=mp)
+        return fully_shard(model, mp_policy=mp)
+
+    def counted(fn):
+        n = len(gathers)
+        out = fn()
+        return out, len(gathers) - n
+
+    def train_step(model):  # gradients of one step, and the all-gathers it took
+        tokens = torch.tensor([[1, 5, 9, 13, 17, 21, 25], [1, 22, 18, 14, 10, 6, 2]])
+        logits = model(tokens)
+        F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten()).backward()
+        return torch.cat([p.grad.to_local().flatten() for p in model.parameters()])
+
+    def local_shapes(model):
+        return [tuple(p.to_local().shape) if isinstance(p, DTensor) else None
+                for p in model.parameters()]
+
+    result = {}
+    model = sharded()
+    shapes = local_shapes(model)
+    result["gen"], result["gathers_2"] = counted(
+        lambda: ev.generate(model, tok, DIST_PROMPTS, 2, batch_size=2))
+    result["gen_budget"], result["gathers_6"] = counted(
+        lambda: ev.generate(model, tok, DIST_PROMPTS, 6, batch_size=8, max_batch_tokens=60))
+    result["sharded_after"] = local_shapes(model) == shapes and None not in shapes
+    with ev.gathered(model):
+        p = model.layers[0].attention.wq.weight
+        result["inside"] = [isinstance(p, DTensor), list(p.shape)]
+        with ev.gathered(model):  # nested: gathers nothing, and leaves the outer block gathered
+            pass
+        result["inside_after_nested"] = isinstance(model.layers[0].attention.wq.weight, DTensor)
+        result["nested_gathers"] = counted(
+            lambda: ev.generate(model, tok, DIST_PROMPTS[:2], 3))[1]
     try:
-        tok = data.Tokenizer(spm_path)
-
-        def sharded(mp=MixedPrecisionPolicy()):
-            model = Transformer(ModelArgs(**args_dict))
-            model.init_weights(0)
-            for block in model.layers:
-                fully_shard(block, mp_policy=mp)
-            return fully_shard(model, mp_policy=mp)
-
-        def counted(fn):
-            n = len(gathers)
-            out = fn()
-            return out, len(gathers) - n
-
-        def train_step(model):  # gradients of one step, and the all-gathers it took
-            tokens = torch.tensor([[1, 5, 9, 13, 17, 21, 25], [1, 22, 18, 14, 10, 6, 2]])
-            logits = model(tokens)
-            F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten()).backward()
-            return torch.cat([p.grad.to_local().flatten() for p in model.parameters()])
-
-        def local_shapes(model):
-            return [tuple(p.to_local().shape) if isinstance(p, DTensor) else None
-                    for p in model.parameters()]
-
-        result = {}
-        model = sharded()
-        shapes = local_shapes(model)
-        result["gen"], result["gathers_2"] = counted(
-            lambda: ev.generate(model, tok, DIST_PROMPTS, 2, batch_size=2))
-        result["gen_budget"], result["gathers_6"] = counted(
-            lambda: ev.generate(model, tok, DIST_PROMPTS, 6, batch_size=8, max_batch_tokens=60))
-        result["sharded_after"] = local_shapes(model) == shapes and None not in shapes
         with ev.gathered(model):
-            p = model.layers[0].attention.wq.weight
-            result["inside"] = [isinstance(p, DTensor), list(p.shape)]
-            with ev.gathered(model):  # nested: gathers nothing, and leaves the outer block gathered
-                pass
-            result["inside_after_nested"] = isinstance(model.layers[0].attention.wq.weight, DTensor)
-            result["nested_gathers"] = counted(
-                lambda: ev.generate(model, tok, DIST_PROMPTS[:2], 3))[1]
-        try:
-            with ev.gathered(model):
-                raise KeyError("a bad eval file")
-        except KeyError:
-            result["sharded_after_error"] = local_shapes(model) == shapes
-        grads, result["step_gathers_after_eval"] = counted(lambda: train_step(model))
-        fresh = sharded()
-        fresh_grads, result["step_gathers"] = counted(lambda: train_step(fresh))
-        result["grads_equal"] = torch.equal(grads, fresh_grads)
+            raise KeyError("a bad eval file")
+    except KeyError:
+        result["sharded_after_error"] = local_shapes(model) == shapes
+    grads, result["step_gathers_after_eval"] = counted(lambda: train_step(model))
+    fresh = sharded()
+    fresh_grads, result["step_gathers"] = counted(lambda: train_step(fresh))
+    result["grads_equal"] = torch.equal(grads, fresh_grads)
 
-        bf16 = sharded(MixedPrecisionPolicy(param_dtype=torch.bfloat16))
-        caches, new_cache = [], bf16.new_cache
-        bf16.new_cache = lambda *a, **k: caches.append(new_cache(*a, **k)) or caches[-1]
-        result["bf16_default"] = ev.generate(bf16, tok, DIST_PROMPTS, 6, batch_size=2)
-        result["bf16_explicit"] = ev.generate(bf16, tok, DIST_PROMPTS, 6, batch_size=2,
-                                              dtype=torch.bfloat16)
-        result["bf16_caches"] = sorted({str(c.k[0].dtype) for c in caches})
-        with ev.gathered(bf16):  # full forwards, the same calls on every rank
-            result["bf16_param"] = str(bf16.output.weight.dtype)
-            result["bf16_full"] = [
-                tok.decode(_greedy_by_full_forwards(bf16, tok.encode(p, True, False), 6,
-                                                    tok.eos_id))
-                for p in DIST_PROMPTS]
-        with open(os.path.join(out_dir, f"gathered{rank}.json"), "w") as f:
-            json.dump(result, f)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    data.hard_exit(0)
+    bf16 = sharded(MixedPrecisionPolicy(param_dtype=torch.bfloat16))
+    caches, new_cache = [], bf16.new_cache
+    bf16.new_cache = lambda *a, **k: caches.append(new_cache(*a, **k)) or caches[-1]
+    result["bf16_default"] = ev.generate(bf16, tok, DIST_PROMPTS, 6, batch_size=2)
+    result["bf16_explicit"] = ev.generate(bf16, tok, DIST_PROMPTS, 6, batch_size=2,
+                                          dtype=torch.bfloat16)
+    result["bf16_caches"] = sorted({str(c.k[0].dtype) for c in caches})
+    with ev.gathered(bf16):  # full forwards, the same calls on every rank
+        result["bf16_param"] = str(bf16.output.weight.dtype)
+        result["bf16_full"] = [
+            tok.decode(_greedy_by_full_forwards(bf16, tok.encode(p, True, False), 6, tok.eos_id))
+            for p in DIST_PROMPTS]
+    return result
 
 
 def test_gathered_all_gathers_once_per_evaluation(tiny_args, tok, spm_path, tmp_path):
@@ -724,20 +736,7 @@ def test_gathered_all_gathers_once_per_evaluation(tiny_args, tok, spm_path, tmp_
     model = _tiny_model(tiny_args)
     single = {"gen": ev.generate(model, tok, DIST_PROMPTS, 2, batch_size=2),
               "gen_budget": ev.generate(model, tok, DIST_PROMPTS, 6, batch_size=2)}
-    ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_gathered_worker, args=(r, 2, str(tmp_path / "init"), str(tmp_path),
-                                                        asdict(tiny_args), spm_path))
-             for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            pytest.fail("a rank hung: ranks made different collective calls")
-        assert p.exitcode == 0
-    r0, r1 = (json.load(open(tmp_path / f"gathered{r}.json")) for r in range(2))
+    r0, r1 = _run_ranks(tmp_path, _gathered_body, asdict(tiny_args), spm_path)
     assert r0 == r1
     groups = tiny_args.n_layers + 1  # a group per block, and the root's (embeddings, norm, output)
     # One all-gather per parameter group per evaluation, however many tokens it generates

@@ -184,23 +184,21 @@ def _extension(path: str) -> str:
     return ext
 
 
-def _read_text(path: str) -> str:
-    """A .json or .txt data file's text, with errors naming the file (and line for bad UTF-8)."""
+def read_text(path: str, what: str = "data file") -> str:
+    """A file's whole text (UTF-8, a byte-order mark dropped), with errors naming the file (and
+    the line for bytes that are not UTF-8)."""
     try:
         with open(path, "rb") as f:
             raw = f.read()
     except OSError as e:
-        raise DataError(f"{path}: cannot read data file: {e.strerror or e}") from e
+        raise DataError(f"{path}: cannot read {what}: {e.strerror or e}") from e
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw[:e.start].count(b"\n") + 1
         raise DataError(f"{path}: line {line}: bytes that are not UTF-8 "
                         f"(byte offset {e.start})") from None
-    text = text.removeprefix("\ufeff")  # a UTF-8 byte-order mark is not content
-    if not text.strip():
-        raise DataError(f"{path}: empty file")
-    return text
+    return text.removeprefix("\ufeff")  # a UTF-8 byte-order mark is not content
 
 
 def _jsonl_lines(path: str):
@@ -228,20 +226,24 @@ def _jsonl_lines(path: str):
                 yield n, line
 
 
-def _parse_line(path: str, n: int, line: str) -> dict:
+def parse_json_line(path: str, n: int, line: str):
+    """json.loads(line), or a DataError naming the file and line n."""
     try:
-        rec = json.loads(line)
+        return json.loads(line)
     except json.JSONDecodeError as e:
-        raise DataError(f"{path}: line {n}: malformed JSON ({_json_error(e)}, "
-                        f"column {e.colno})") from None
-    return rec
+        raise malformed(path, n, e) from None
+
+
+def malformed(path: str, n: int, e: json.JSONDecodeError) -> DataError:
+    """The error for malformed JSON at line n of path (a raw control character named)."""
+    return DataError(f"{path}: line {n}: malformed JSON ({_json_error(e)}, column {e.colno})")
 
 
 def _check_objects(path: str, records: list[tuple[int, object]]):
     for n, rec in records:
         if not isinstance(rec, dict):
-            raise DataError(f"{_where(path, n)}: a record must be a JSON object, found a "
-                            f"{type(rec).__name__}")
+            raise DataError(f"{record_location(path, n)}: a record must be a JSON object, "
+                            f"found a {type(rec).__name__}")
 
 
 def read_records(path: str) -> list[tuple[int, dict]]:
@@ -253,18 +255,19 @@ def read_records(path: str) -> list[tuple[int, dict]]:
     Node and jq; JSON writers escape those."""
     ext = _extension(path)
     if ext == ".jsonl":
-        records = [(n, _parse_line(path, n, line)) for n, line in _jsonl_lines(path)]
+        records = [(n, parse_json_line(path, n, line)) for n, line in _jsonl_lines(path)]
         if not records:
             raise DataError(f"{path}: empty file")
-    elif ext == ".txt":
-        return [(1, {"text": _read_text(path)})]
     else:
-        text = _read_text(path)
+        text = read_text(path)
+        if not text.strip():
+            raise DataError(f"{path}: empty file")
+        if ext == ".txt":
+            return [(1, {"text": text})]
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}: line {e.lineno}: malformed JSON ({_json_error(e)}, "
-                            f"column {e.colno})") from None
+            raise malformed(path, e.lineno, e) from None
         if not isinstance(obj, list):
             raise DataError(f"{path}: a .json data file must hold a list of records, found a "
                             f"{type(obj).__name__}")
@@ -294,11 +297,11 @@ def read_record_slice(path: str, part: int, parts: int) -> tuple[list, int, tupl
     first, mine = None, []
     for i, (m, line) in enumerate(_jsonl_lines(path)):
         if i == 0:
-            first = (m, _parse_line(path, m, line))
+            first = (m, parse_json_line(path, m, line))
         if i >= hi:
             break
         if i >= lo:
-            mine.append(first if i == 0 else (m, _parse_line(path, m, line)))
+            mine.append(first if i == 0 else (m, parse_json_line(path, m, line)))
     _check_objects(path, [first] + mine)
     return mine, n, first
 
@@ -311,7 +314,8 @@ def _json_error(e: json.JSONDecodeError) -> str:
     return e.msg
 
 
-def _where(path: str, n: int) -> str:
+def record_location(path: str, n: int) -> str:
+    """Where record n is, for errors: a .json list's index, else a line number."""
     return f"{path}: record [{n}]" if path.lower().endswith(".json") else f"{path}: line {n}"
 
 
@@ -326,7 +330,7 @@ def _field(rec: dict, name: str, where: str, types, what: str):
 
 def _detect_format(path: str, kind: str, n: int, rec: dict) -> str:
     """The file's format, recognised from its first record; every record must then match it."""
-    where = _where(path, n)
+    where = record_location(path, n)
     if kind == "lm":
         if "text" not in rec:
             raise DataError(f"{where}: missing field 'text' (an lm stage reads {{\"text\"}} "
@@ -454,7 +458,8 @@ def load_examples(path: str, kind: str, tokenizer: Tokenizer, max_seq_len: int,
     fmt = _detect_format(path, kind, *records[0])
     examples, dropped = [], Counter()
     for n, rec in records:
-        examples += _record_examples(tokenizer, fmt, rec, _where(path, n), max_seq_len, dropped)
+        examples += _record_examples(tokenizer, fmt, rec, record_location(path, n), max_seq_len,
+                                     dropped)
     log(_summary(path, fmt, len(records), len(examples), dropped, max_seq_len))
     return examples
 
@@ -579,7 +584,7 @@ def _tokenize_part(path: str, kind: str, tok: Tokenizer, L: int, tmp: str) -> di
     dropped, n_examples = Counter(), 0
     for n, rec in tqdm(mine, desc=f"tokenize {os.path.basename(path)}", disable=rank != 0,
                        leave=False):
-        for ex in _record_examples(tok, fmt, rec, _where(path, n), L, dropped):
+        for ex in _record_examples(tok, fmt, rec, record_location(path, n), L, dropped):
             n_examples += 1
             for side, (ids, labels, lengths) in bufs.items():
                 seq = ex[side[:-1]] if side else ex

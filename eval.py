@@ -652,9 +652,8 @@ def read_eval_file(path: str, metric: str | None = None) -> tuple[str, list[dict
     if metric not in METRICS:
         raise data.DataError(f"{path}: unknown metric {metric!r} "
                              f"(choose from {', '.join(METRICS)})")
-    where = ((lambda n: f"{path}: record [{n}]") if path.lower().endswith(".json")
-             else (lambda n: f"{path}: line {n}"))
-    return metric, [_example(rec, metric, where(n)) for n, rec in records]
+    return metric, [_example(rec, metric, data.record_location(path, n))
+                    for n, rec in records]
 
 
 def _score_texts(examples, metric, texts) -> list[dict]:
@@ -774,32 +773,18 @@ def _checked_strings(path: str, items, where) -> list[str]:
     return items
 
 
-def _malformed(path: str, line: int, e: json.JSONDecodeError):
-    return data.DataError(f"{path}: line {line}: malformed JSON ({e.msg}, column {e.colno})")
-
-
 def read_predictions(path: str) -> list[str]:
     """Predictions made elsewhere, in record order: JSON Lines with one {"prediction": "..."} per
     line (blank lines skipped; lines split at "\n" only, as JSON may hold U+2028 raw), a JSON
     list of strings, or TRACE's inference output (an object whose "results" list holds them)."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        raise data.DataError(f"{path}: cannot read predictions: {e.strerror or e}") from e
-    try:
-        text = raw.decode("utf-8").removeprefix("\ufeff")
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise data.DataError(f"{path}: line {line}: bytes that are not UTF-8 "
-                             f"(byte offset {e.start})") from None
+    text = data.read_text(path, "predictions")
     head = text.lstrip()[:1]
     if head in ("[", "{"):
         try:
             whole = json.loads(text)
         except json.JSONDecodeError as e:
             if head == "[":
-                raise _malformed(path, e.lineno, e) from None
+                raise data.malformed(path, e.lineno, e) from None
             whole = None  # JSON Lines: one value per line, read below
         if isinstance(whole, list):
             return _checked_strings(path, whole, lambda i: f"item [{i}]")
@@ -810,10 +795,7 @@ def read_predictions(path: str) -> list[str]:
     for n, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise _malformed(path, n, e) from None
+        rec = data.parse_json_line(path, n, line)
         if not isinstance(rec, dict) or "prediction" not in rec:
             raise data.DataError(f"{path}: line {n}: expected an object with a 'prediction' "
                                  f"string, found {json.dumps(rec, ensure_ascii=False)[:80]}")

@@ -40,13 +40,15 @@ class CheckpointError(ValueError):
 @contextlib.contextmanager
 def atomic_file(path, mode: str = "w"):
     """Write a file through a hidden temporary beside it, flushed to disk and renamed over `path`
-    on success; on an exception the temporary is removed and `path` is left as it was."""
+    on success; on an exception the temporary is removed and `path` is left as it was. Text is
+    UTF-8 whatever the locale (JSON's encoding; write_json keeps non-ASCII characters as they are).
+    """
     path = os.fspath(path)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".",
                                prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would make the file private
-        with os.fdopen(fd, mode) as f:
+        with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -148,7 +150,7 @@ def param_shapes(args: ModelArgs) -> dict[str, tuple]:
 
 def _read_json(file: Path) -> dict:
     try:
-        with open(file) as f:
+        with open(file, encoding="utf-8") as f:
             return json.load(f)
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{file}:{e.lineno}: not valid JSON: {e.msg}") from None

@@ -66,9 +66,14 @@ def write_json(path, obj, indent: int = 2):
 
 
 def replace_dir(new, dest):
-    """Move the complete directory `new` to `dest`. An existing `dest` is first renamed aside and
-    deleted only once `new` is in place (POSIX cannot swap two directories in one rename)."""
+    """Move the complete directory `new` to `dest`, its files flushed to disk first (so a crash
+    of the machine cannot leave `dest` with empty files). An existing `dest` is first renamed
+    aside and deleted only once `new` is in place (POSIX cannot swap two directories in one
+    rename): a process killed between the two renames leaves no `dest`, the old version in the
+    hidden `.<dest>.old-*` beside it and the new one still at `new`."""
     new, dest = Path(new), Path(dest)
+    for path in [*new.rglob("*"), new]:  # on disk before the rename makes them visible
+        fsync(path)
     if not dest.exists():
         os.rename(new, dest)
     else:
@@ -767,8 +772,6 @@ def save_checkpoint(state: dict, args: ModelArgs, path, format: str = "meta", to
         for name, obj in (extra_json or {}).items():
             with open(tmp / name, "w") as f:
                 json.dump(obj, f, indent=1)
-        for file in tmp.iterdir():  # on disk before the rename makes the directory visible
-            fsync(file)
         replace_dir(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

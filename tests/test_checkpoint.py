@@ -396,6 +396,28 @@ def test_failed_final_rename_keeps_the_old_checkpoint(tmp_path, tiny_args, monke
     assert _snapshot(dest) == before and os.listdir(tmp_path) == ["ckpt"]
 
 
+def test_replace_dir_flushes_every_file_before_the_rename(tmp_path, monkeypatch):
+    """Whoever wrote the directory (save_checkpoint, the trainer's step checkpoints, the data
+    cache), each file in it is on disk before `dest` can be seen."""
+    import checkpoint
+    new, dest = tmp_path / "new", tmp_path / "dest"
+    (new / "sub").mkdir(parents=True)
+    for name in ("a.json", "sub/b.npy"):
+        (new / name).write_text(name)
+    dest.mkdir()
+    (dest / "old.txt").write_text("old")
+    synced, fsync = {}, checkpoint.fsync
+
+    def recording(path):  # path -> whether the new dest was visible when it was synced
+        synced[os.path.relpath(path, tmp_path)] = (dest / "a.json").exists()
+        fsync(path)
+    monkeypatch.setattr(checkpoint, "fsync", recording)
+    checkpoint.replace_dir(new, dest)
+    assert sorted(os.listdir(dest)) == ["a.json", "sub"] and os.listdir(tmp_path) == ["dest"]
+    assert synced == {"new": False, "new/a.json": False, "new/sub": False,
+                      "new/sub/b.npy": False, ".": True}
+
+
 def test_atomic_file_keeps_the_old_file_and_writes_utf8_in_any_locale(tmp_path):
     """The one file writer the project uses: a write that fails midway leaves the old file and
     no temporary; a complete one replaces it with the umask's permissions, in UTF-8 even where

@@ -273,6 +273,16 @@ def _args_from_params(params: dict, params_file: Path) -> ModelArgs:
 LLAMA2_VOCAB = 32000  # pieces in LLaMA-2's tokenizer.model
 
 
+def _spm_pieces(file: Path) -> int:
+    """The number of pieces of a SentencePiece model (CheckpointError naming the file if it is
+    not one)."""
+    import sentencepiece as spm
+    try:
+        return spm.SentencePieceProcessor(model_file=str(file)).vocab_size()
+    except Exception as e:
+        raise CheckpointError(f"{file}: not a SentencePiece model: {e}") from None
+
+
 def read_model_args(path, max_seq_len: Optional[int] = None, tokenizer=None, log=None) -> ModelArgs:
     """The model's shapes from params.json (Meta) or config.json (HF) alone: no weight file is
     opened, so a directory holding only that file is enough (train.py --plan needs no weights).
@@ -289,11 +299,7 @@ def read_model_args(path, max_seq_len: Optional[int] = None, tokenizer=None, log
     if params["vocab_size"] == -1:
         tok = Path(tokenizer) if tokenizer else path / "tokenizer.model"
         if tok.is_file():
-            import sentencepiece as spm
-            try:
-                params["vocab_size"] = spm.SentencePieceProcessor(model_file=str(tok)).vocab_size()
-            except Exception as e:
-                raise CheckpointError(f"{tok}: not a SentencePiece model: {e}") from None
+            params["vocab_size"] = _spm_pieces(tok)
             how = f"the {params['vocab_size']} pieces of {tok}"
         else:
             params["vocab_size"] = LLAMA2_VOCAB
@@ -384,11 +390,7 @@ class CheckpointReader:
         file = self.path / "tokenizer.model"
         if not file.exists():
             return
-        import sentencepiece as spm
-        try:
-            n_words = spm.SentencePieceProcessor(model_file=str(file)).vocab_size()
-        except Exception as e:
-            raise CheckpointError(f"{file}: not a SentencePiece model: {e}") from None
+        n_words = _spm_pieces(file)
         # Meta's embedding has exactly one row per piece. HF checkpoints may add tokens
         # (tokenizer.json, added_tokens.json) or pad the vocabulary, so there it only must fit.
         ok = (n_words == self.args.vocab_size if self.format == "meta"
@@ -746,8 +748,7 @@ def save_checkpoint(state: dict, args: ModelArgs, path, format: str = "meta", to
                               f"unexpected {unexpected}, shapes {wrong}")
     tok_file = _tokenizer_file(tokenizer)
     if tok_file is not None:
-        import sentencepiece as spm
-        n_words = spm.SentencePieceProcessor(model_file=str(tok_file)).vocab_size()
+        n_words = _spm_pieces(tok_file)
         if n_words != args.vocab_size:
             raise CheckpointError(f"{tok_file}: {n_words} pieces, but vocab_size is "
                                   f"{args.vocab_size}")

@@ -321,6 +321,11 @@ def test_error_tokenizer_does_not_match_embedding(tmp_path, meta_dir):
     with pytest.raises(CheckpointError, match="400 pieces, but vocab_size is 320"):
         save_model(Transformer(ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=320)),
                    tmp_path / "out", tokenizer=big)
+    (tmp_path / "junk.model").write_bytes(b"not a protobuf")
+    with pytest.raises(CheckpointError, match=r"junk\.model: not a SentencePiece model"):
+        save_model(Transformer(ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=320)),
+                   tmp_path / "out", tokenizer=tmp_path / "junk.model")
+    assert not (tmp_path / "out").exists()
 
 
 class Payload:

@@ -40,13 +40,15 @@ class CheckpointError(ValueError):
 @contextlib.contextmanager
 def atomic_file(path, mode: str = "w"):
     """Write a file through a hidden temporary beside it, flushed to disk and renamed over `path`
-    on success; on an exception the temporary is removed and `path` is left as it was."""
+    on success; on an exception the temporary is removed and `path` is left as it was. Text is
+    UTF-8 whatever the locale (JSON's encoding; write_json keeps non-ASCII characters as they are).
+    """
     path = os.fspath(path)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".",
                                prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would make the file private
-        with os.fdopen(fd, mode) as f:
+        with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -64,9 +66,14 @@ def write_json(path, obj, indent: int = 2):
 
 
 def replace_dir(new, dest):
-    """Move the complete directory `new` to `dest`. An existing `dest` is first renamed aside and
-    deleted only once `new` is in place (POSIX cannot swap two directories in one rename)."""
+    """Move the complete directory `new` to `dest`, its files flushed to disk first (so a crash
+    of the machine cannot leave `dest` with empty files). An existing `dest` is first renamed
+    aside and deleted only once `new` is in place (POSIX cannot swap two directories in one
+    rename): a process killed between the two renames leaves no `dest`, the old version in the
+    hidden `.<dest>.old-*` beside it and the new one still at `new`."""
     new, dest = Path(new), Path(dest)
+    for path in [*new.rglob("*"), new]:  # on disk before the rename makes them visible
+        fsync(path)
     if not dest.exists():
         os.rename(new, dest)
     else:
@@ -148,7 +155,7 @@ def param_shapes(args: ModelArgs) -> dict[str, tuple]:
 
 def _read_json(file: Path) -> dict:
     try:
-        with open(file) as f:
+        with open(file, encoding="utf-8") as f:
             return json.load(f)
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{file}:{e.lineno}: not valid JSON: {e.msg}") from None
@@ -266,6 +273,16 @@ def _args_from_params(params: dict, params_file: Path) -> ModelArgs:
 LLAMA2_VOCAB = 32000  # pieces in LLaMA-2's tokenizer.model
 
 
+def _spm_pieces(file: Path) -> int:
+    """The number of pieces of a SentencePiece model (CheckpointError naming the file if it is
+    not one)."""
+    import sentencepiece as spm
+    try:
+        return spm.SentencePieceProcessor(model_file=str(file)).vocab_size()
+    except Exception as e:
+        raise CheckpointError(f"{file}: not a SentencePiece model: {e}") from None
+
+
 def read_model_args(path, max_seq_len: Optional[int] = None, tokenizer=None, log=None) -> ModelArgs:
     """The model's shapes from params.json (Meta) or config.json (HF) alone: no weight file is
     opened, so a directory holding only that file is enough (train.py --plan needs no weights).
@@ -282,11 +299,7 @@ def read_model_args(path, max_seq_len: Optional[int] = None, tokenizer=None, log
     if params["vocab_size"] == -1:
         tok = Path(tokenizer) if tokenizer else path / "tokenizer.model"
         if tok.is_file():
-            import sentencepiece as spm
-            try:
-                params["vocab_size"] = spm.SentencePieceProcessor(model_file=str(tok)).vocab_size()
-            except Exception as e:
-                raise CheckpointError(f"{tok}: not a SentencePiece model: {e}") from None
+            params["vocab_size"] = _spm_pieces(tok)
             how = f"the {params['vocab_size']} pieces of {tok}"
         else:
             params["vocab_size"] = LLAMA2_VOCAB
@@ -377,11 +390,7 @@ class CheckpointReader:
         file = self.path / "tokenizer.model"
         if not file.exists():
             return
-        import sentencepiece as spm
-        try:
-            n_words = spm.SentencePieceProcessor(model_file=str(file)).vocab_size()
-        except Exception as e:
-            raise CheckpointError(f"{file}: not a SentencePiece model: {e}") from None
+        n_words = _spm_pieces(file)
         # Meta's embedding has exactly one row per piece. HF checkpoints may add tokens
         # (tokenizer.json, added_tokens.json) or pad the vocabulary, so there it only must fit.
         ok = (n_words == self.args.vocab_size if self.format == "meta"
@@ -739,8 +748,7 @@ def save_checkpoint(state: dict, args: ModelArgs, path, format: str = "meta", to
                               f"unexpected {unexpected}, shapes {wrong}")
     tok_file = _tokenizer_file(tokenizer)
     if tok_file is not None:
-        import sentencepiece as spm
-        n_words = spm.SentencePieceProcessor(model_file=str(tok_file)).vocab_size()
+        n_words = _spm_pieces(tok_file)
         if n_words != args.vocab_size:
             raise CheckpointError(f"{tok_file}: {n_words} pieces, but vocab_size is "
                                   f"{args.vocab_size}")
@@ -765,8 +773,6 @@ def save_checkpoint(state: dict, args: ModelArgs, path, format: str = "meta", to
         for name, obj in (extra_json or {}).items():
             with open(tmp / name, "w") as f:
                 json.dump(obj, f, indent=1)
-        for file in tmp.iterdir():  # on disk before the rename makes the directory visible
-            fsync(file)
         replace_dir(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -321,6 +321,11 @@ def test_error_tokenizer_does_not_match_embedding(tmp_path, meta_dir):
     with pytest.raises(CheckpointError, match="400 pieces, but vocab_size is 320"):
         save_model(Transformer(ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=320)),
                    tmp_path / "out", tokenizer=big)
+    (tmp_path / "junk.model").write_bytes(b"not a protobuf")
+    with pytest.raises(CheckpointError, match=r"junk\.model: not a SentencePiece model"):
+        save_model(Transformer(ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=320)),
+                   tmp_path / "out", tokenizer=tmp_path / "junk.model")
+    assert not (tmp_path / "out").exists()
 
 
 class Payload:
@@ -394,6 +399,59 @@ def test_failed_final_rename_keeps_the_old_checkpoint(tmp_path, tiny_args, monke
     with pytest.raises(OSError, match="rename failed"):
         save_model(random_model(tiny_args, seed=2), dest)
     assert _snapshot(dest) == before and os.listdir(tmp_path) == ["ckpt"]
+
+
+def test_replace_dir_flushes_every_file_before_the_rename(tmp_path, monkeypatch):
+    """Whoever wrote the directory (save_checkpoint, the trainer's step checkpoints, the data
+    cache), each file in it is on disk before `dest` can be seen."""
+    import checkpoint
+    new, dest = tmp_path / "new", tmp_path / "dest"
+    (new / "sub").mkdir(parents=True)
+    for name in ("a.json", "sub/b.npy"):
+        (new / name).write_text(name)
+    dest.mkdir()
+    (dest / "old.txt").write_text("old")
+    synced, fsync = {}, checkpoint.fsync
+
+    def recording(path):  # path -> whether the new dest was visible when it was synced
+        synced[os.path.relpath(path, tmp_path)] = (dest / "a.json").exists()
+        fsync(path)
+    monkeypatch.setattr(checkpoint, "fsync", recording)
+    checkpoint.replace_dir(new, dest)
+    assert sorted(os.listdir(dest)) == ["a.json", "sub"] and os.listdir(tmp_path) == ["dest"]
+    assert synced == {"new": False, "new/a.json": False, "new/sub": False,
+                      "new/sub/b.npy": False, ".": True}
+
+
+def test_atomic_file_keeps_the_old_file_and_writes_utf8_in_any_locale(tmp_path):
+    """The one file writer the project uses: a write that fails midway leaves the old file and
+    no temporary; a complete one replaces it with the umask's permissions, in UTF-8 even where
+    the locale is ASCII (write_json keeps non-ASCII text raw, as JSON files are UTF-8)."""
+    import subprocess
+    import sys
+    from checkpoint import atomic_file, write_json
+    path = tmp_path / "report.json"
+    write_json(path, {"old": 1})
+    before = path.read_bytes()
+    with pytest.raises(RuntimeError, match="midway"):
+        with atomic_file(path) as f:
+            f.write('{"half": ')
+            raise RuntimeError("killed midway")
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["report.json"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's private 0600
+    text = "café ▁ 日本語"
+    # An ASCII script (argv would be decoded as ASCII too): the text arrives as \u escapes.
+    script = ("import sys; sys.path.insert(0, sys.argv[1]); import checkpoint; "
+              "from pathlib import Path; obj = {'t': %s}; checkpoint.write_json(sys.argv[2], obj); "
+              "assert checkpoint._read_json(Path(sys.argv[2])) == obj" % ascii(text))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0"}
+    run = subprocess.run([sys.executable, "-c", script, root, str(path)], env=env,
+                         capture_output=True, text=True, errors="replace", timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert path.read_bytes() == f'{{\n  "t": "{text}"\n}}\n'.encode("utf-8")
 
 
 def test_save_checkpoint_from_a_plain_state_dict(tmp_path, tiny_args):

@@ -142,7 +142,6 @@ def test_meta_device_build_then_to_empty_and_init_weights(tiny_args):
 
 
 def test_bf16_cast_keeps_rotary_table_float32_and_cache_casts(tiny_args):
-    from model import Transformer
     m = Transformer(tiny_args)
     m.init_weights(seed=0)
     ref = m.rope.clone()

@@ -123,11 +123,16 @@ def torchrun(config: str, overrides: list[str], nproc: int, log_path: str, out_d
     return time.time() - t0
 
 
+def file_digest(h, path: str):
+    """Feed a file's path and bytes to the hash `h`: the cache keys of the base and the study."""
+    with open(path, "rb") as f:
+        h.update(path.encode() + b"\0" + f.read() + b"\0")
+
+
 def base_key(a, files: list[str]) -> str:
     h = hashlib.sha256()
     for path in files + [a.base_config]:
-        with open(path, "rb") as f:
-            h.update(path.encode() + b"\0" + f.read() + b"\0")
+        file_digest(h, path)
     h.update(json.dumps([a.seed, a.vocab_size, a.dim, a.n_layers, a.n_heads, a.base_args]).encode())
     return h.hexdigest()[:16]
 

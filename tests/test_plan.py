@@ -166,6 +166,26 @@ def test_tracker_matches_the_cpu_allocator_on_a_real_step(precision, checkpointi
     assert peaks["real"] == pytest.approx(peaks["allocator"], rel=0.001)
 
 
+def test_evaluations_hold_the_gathered_model_and_the_kv_cache(shapes):
+    """After each stage train.py scores the model under eval.gathered: the whole model in bf16 on
+    every rank beside its fp32 shards, and generation's KV cache; fits counts it when it is more
+    than the training step's peak (here a batch of 512 sequences of 256 tokens: 4 GiB)."""
+    path = shapes["7b"]
+    args = read_model_args(path, max_seq_len=256)
+    cfg = recipe("trace_7b.toml", path, "--model.max_seq_len", "256", "--eval.batch_size", "512",
+                 "--eval.max_batch_tokens", "0", "--eval.max_new_tokens", "16")
+    stages = bench.plan(cfg, 8)["stages"]
+    kv = 512 * 256 * args.n_layers * 2 * args.n_kv_heads * args.head_dim * 2
+    for st in stages:
+        b = st["per_rank_bytes"]
+        assert st["eval_bytes"] == b["parameters"] + 2 * n_params(args) + kv
+        assert st["eval_bytes"] > b["peak"]
+        assert st["needed_bytes"] == int(st["eval_bytes"] * (1 + bench.HEADROOM_FRACTION)
+                                         + bench.HEADROOM_GIB * GIB)
+    assert bench.plan(recipe("tulu_sft_7b.toml", path, "--model.max_seq_len", "256"),
+                      8)["stages"][0]["eval_bytes"] is None  # no eval files, no probes
+
+
 def test_model_args_from_config_json_alone(tmp_path):
     path = hf_dir(tmp_path, "13b")
     assert os.listdir(path) == ["config.json"]
@@ -256,6 +276,7 @@ def test_cli_prints_the_table_and_writes_the_json(tmp_path, spm_path):
         assert all(isinstance(v, int) and v > 0 for v in b.values())
         assert b["peak"] >= b["parameters"] + b["gradients"] + b["optimizer"]
         assert st["fits"] is True and st["accumulation"] == 2 == st["simulated_micro_batches"]
+        assert st["eval_bytes"] is None  # nothing to evaluate: the model is never gathered
     sft, dpo, sft2 = res["stages"]
     # 40 records (blank lines skipped), 8 per step, 3 epochs; the dpo file is missing.
     assert sft["data"]["examples"] == 40 and sft["data"]["steps"] == 15

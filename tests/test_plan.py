@@ -166,6 +166,25 @@ def test_tracker_matches_the_cpu_allocator_on_a_real_step(precision, checkpointi
     assert peaks["real"] == pytest.approx(peaks["allocator"], rel=0.001)
 
 
+def test_dtensor_shape_propagation_is_not_counted(shapes):
+    """DTensor works out an op's output shape by running the op on fake tensors of the global
+    shape, once per process and op signature (then cached). In a fresh process the first plan
+    runs those propagations under the tracker and must not count them (bench.untracked_
+    propagation; without it this 2-layer 7B FFT plan counted a whole fp32 model as activations,
+    2.5 GiB instead of 0.1): it equals the second plan, whose propagations are all cached."""
+    cfg = os.path.join(ROOT, "configs", "tulu_sft_7b_fft.toml")
+    code = ("import json, bench, train\n"
+            f"cfg = train.load_config({cfg!r}, ['--model.path', {shapes['7b']!r}, "
+            "'--model.max_seq_len', '128'])\n"
+            "print(json.dumps([bench.plan(cfg, 8)['stages'][0]['per_rank_bytes'] "
+            "for _ in range(2)]))")
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    first, cached = json.loads(p.stdout.splitlines()[-1])
+    assert first == cached
+
+
 def test_evaluations_hold_the_gathered_model_and_the_kv_cache(shapes):
     """After each stage train.py scores the model under eval.gathered: the whole model in bf16 on
     every rank beside its fp32 shards, and generation's KV cache; fits counts it when it is more

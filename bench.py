@@ -1096,11 +1096,10 @@ def plan_batches(kind: str, mb: int, seq: int, n: int) -> tuple[list, list]:
 
 
 def count_records(path: str) -> int:
-    """Records of a data file as data.read_records counts them; a .jsonl file is only split into
-    lines, not parsed (Tulu V2: 326k conversations in about a second)."""
+    """Records of a data file as data.read_records counts them; a .jsonl file's lines are
+    counted as the loader reads them (data._jsonl_lines: a line at a time, not parsed)."""
     if path.lower().endswith(".jsonl"):
-        with open(path, "rb") as f:
-            return sum(1 for line in f if line.strip())
+        return sum(1 for _ in data._jsonl_lines(path))
     return len(data.read_records(path))
 
 

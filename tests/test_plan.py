@@ -238,11 +238,12 @@ def write_tiny(root, spm_path=None, n_records=40):
     (model / "params.json").write_text(json.dumps(params))
     if spm_path:
         shutil.copy(spm_path, model / "tokenizer.model")
-    with open(root / "sft.jsonl", "w") as f:
+    with open(root / "sft.jsonl", "w", encoding="utf-8") as f:
         for i in range(n_records):
             f.write(json.dumps({"messages": [{"role": "user", "content": f"add {i}"},
                                              {"role": "assistant", "content": f"{i + 1}"}]})
                     + "\n\n")
+        f.write("\u00a0\n")  # blank to the loader too (str.strip), not to bytes.strip
     cfg = root / "plan.toml"
     cfg.write_text(f"""out_dir = "{root / 'out'}"
 [model]
@@ -297,7 +298,8 @@ def test_cli_prints_the_table_and_writes_the_json(tmp_path, spm_path):
         assert st["fits"] is True and st["accumulation"] == 2 == st["simulated_micro_batches"]
         assert st["eval_bytes"] is None  # nothing to evaluate: the model is never gathered
     sft, dpo, sft2 = res["stages"]
-    # 40 records (blank lines skipped), 8 per step, 3 epochs; the dpo file is missing.
+    # 40 records (blank lines skipped, as the loader skips them), 8 per step, 3 epochs; the dpo
+    # file is missing.
     assert sft["data"]["examples"] == 40 and sft["data"]["steps"] == 15
     assert sft["data"]["tokens_max"] == 15 * 8 * 64
     assert dpo["data"]["steps"] is None and "missing.jsonl" in dpo["data"]["why_unknown"]

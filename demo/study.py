@@ -125,13 +125,15 @@ def run_chain(a, method: str, seed: int, overrides: list[str]) -> dict:
             meta = {"key": key, "args": args, "done": False, "run_seconds": 0.0,
                     "cpu_seconds": 0.0}
             write_json(meta_path, meta)
-        cpu0 = children_cpu()
-        secs = run.torchrun(a.config, args, a.nproc,
-                            os.path.join(STUDY, "logs", f"{method}_seed{seed}.log"), out_dir)
-        # an interrupted chain's earlier attempts count too
-        meta.update(done=True, run_seconds=meta["run_seconds"] + secs,
-                    cpu_seconds=meta["cpu_seconds"] + children_cpu() - cpu0)
-        write_json(meta_path, meta)
+        t0, cpu0 = time.time(), children_cpu()
+        try:
+            run.torchrun(a.config, args, a.nproc,
+                         os.path.join(STUDY, "logs", f"{method}_seed{seed}.log"), out_dir)
+            meta["done"] = True
+        finally:  # an interrupted attempt counts too: a resumed chain's time is all its attempts'
+            meta.update(run_seconds=meta["run_seconds"] + time.time() - t0,
+                        cpu_seconds=meta["cpu_seconds"] + children_cpu() - cpu0)
+            write_json(meta_path, meta)
     r = run.read_run(out_dir, meta["run_seconds"])
     return {**r, "own": [row[i] for i, row in enumerate(r["matrix"])],
             "cpu_seconds": meta["cpu_seconds"], "out_dir": out_dir, "key": key}

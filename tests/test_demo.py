@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -425,6 +426,7 @@ def test_study_rerun_reuses_finished_chains_and_reruns_changed_ones(study_run, m
 
     def fake_torchrun(config, args, nproc, log_path, out_dir):
         calls.append((args, os.path.exists(os.path.join(out_dir, continual_stages()[0]))))
+        time.sleep(0.01)
         raise KeyboardInterrupt  # killed mid-chain
     monkeypatch.setattr(run, "torchrun", fake_torchrun)
     changed = [*run.METHODS["fft"], "--train.lr", "1e-3"]
@@ -436,16 +438,21 @@ def test_study_rerun_reuses_finished_chains_and_reruns_changed_ones(study_run, m
     with open("runs/study/probe/seed1.json") as f:
         meta = json.load(f)
     assert meta["key"] != old["key"] and meta["done"] is False and "1e-3" in meta["args"]
+    assert meta["run_seconds"] >= 0.01  # an interrupted attempt's time counts
     # The same setting after the kill: train.py is called on the kept out_dir (it resumes).
     os.makedirs(f"runs/study/probe/seed1/{continual_stages()[0]}")
     with pytest.raises(KeyboardInterrupt):
         study.run_chain(a, "probe", 1, changed)
     assert calls[-1][1] is True
+    with open("runs/study/probe/seed1.json") as f:
+        assert json.load(f)["run_seconds"] >= meta["run_seconds"] + 0.01  # both attempts'
     # Other inputs are other keys too: the seed, the number of ranks, a task file's bytes.
     args = run.chain_args(a, "runs/study/fft/seed1", run.METHODS["fft"], 1)
     key = study.chain_key(a, args)
     seed2 = run.chain_args(a, "runs/study/fft/seed1", run.METHODS["fft"], 2)
     assert study.chain_key(a, seed2) != key
+    # a setting, in the same out_dir (the probe above differs in its out_dir too)
+    assert study.chain_key(a, run.chain_args(a, "runs/study/fft/seed1", changed, 1)) != key
     b = run.parse_args([*ARGS, "--config", str(root / "demo_2stages.toml"), "--nproc", "1"])
     assert study.chain_key(b, args) != key
     task = os.path.join(run.DATA, "tasks", f"{continual_stages()[0]}_train.jsonl")

@@ -479,3 +479,25 @@ def test_readme_study_tables_are_generated_from_results():
     rows = [ln for ln in section.splitlines() if ln.startswith("|")]
     assert len(rows) >= 20
     assert [r for r in rows if r not in generated] == []
+
+
+def test_readme_study_numbers_in_the_text_are_the_results():
+    """The "The study" section's numbers outside its tables, from results/study.json: the chat
+    model's scores, HFT minus FFT seed by seed, and the time of the chains and of the pilot."""
+    from demo import study
+    with open(os.path.join(ROOT, "results", "study.json")) as f:
+        s = json.load(f)
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    text = " ".join(readme[readme.index("## The study"):readme.index("## Recipes")].split())
+    b, t, seeds = s["base"], s["time"], s["settings"]["seeds"]
+    assert (f"the chat model has knowledge {b['base_knowledge']:.1f} and general-task accuracy "
+            f"{b['base_general']:.1f}") in text
+    fft, hft = s["methods"]["fft"]["seeds"], s["methods"]["hft"]["seeds"]
+    paired = "; ".join(f"{k} " + ", ".join(f"{hft[str(x)][k] - fft[str(x)][k]:+.1f}"
+                                           for x in seeds) for k in study.METRICS)
+    assert f"HFT minus FFT on seeds {', '.join(map(str, seeds))}: {paired}." in text
+    chains = sum(len(m["seeds"]) for m in s["methods"].values())
+    assert (f"the {chains} chains took {t['chains_cpu_seconds']:.0f} CPU-seconds "
+            f"({t['chains_wall_seconds'] / 60:.0f} minutes of wall time") in text
+    assert f"the pilot's evaluations {t['pilot_eval_cpu_seconds']:.0f} CPU-seconds" in text

@@ -12,7 +12,8 @@ $(VENV_STAMP): requirements.txt
 test: $(VENV_STAMP)
 	$(PY) -m pytest -q tests
 
-# The whole pipeline on a tiny LLaMA it builds itself, FFT against HFT (demo/run.py; README "The demo").
+# The whole pipeline on a tiny LLaMA it builds itself, FFT against HFT (demo/run.py; README
+# "The demo").
 demo: $(VENV_STAMP)
 	$(PY) demo/run.py
 
@@ -22,7 +23,8 @@ demo: $(VENV_STAMP)
 study: $(VENV_STAMP)
 	$(PY) demo/run.py --study
 
-# FFT against HFT (and HFT with frozen tensors replicated): step time, memory, bytes (README "Benchmark").
+# FFT against HFT (and HFT with frozen tensors replicated): step time, memory, bytes (README
+# "Benchmark").
 bench: $(VENV_STAMP)
 	mkdir -p runs && $(PY) bench.py --modes fft,hft,hft-rep --out runs/bench.json
 

@@ -926,8 +926,11 @@ def plan(cfg: dict, world_size: int, gpu_memory_gib: float = 80.0) -> dict:
         f"memory: rank 0, one step of full-length sequences ({mcfg['max_seq_len']} tokens), "
         "simulated on fake CPU tensors; GPU kernels differ a little (attention's saved statistics, "
         "workspaces, 512-byte allocation rounding)",
-        f"fits: peak x {1 + HEADROOM_FRACTION:.2f} + {HEADROOM_GIB:g} GiB <= {gpu_memory_gib:g} "
-        f"GiB (CUDA context, NCCL buffers, allocator fragmentation)",
+        "eval: the evaluations after each stage (and of the base model), at least: the whole "
+        "model gathered in the compute dtype beside its shards and the KV cache of one eval "
+        "batch (eval_bytes; '-': the config evaluates nothing)",
+        f"fits: max(peak, eval) x {1 + HEADROOM_FRACTION:.2f} + {HEADROOM_GIB:g} GiB <= "
+        f"{gpu_memory_gib:g} GiB (CUDA context, NCCL buffers, allocator fragmentation)",
         "steps: records counted in the data file (an upper bound: loading drops examples that "
         "truncation leaves without a target token); lm stages are tokenized exactly"]
     return {"world_size": world_size, "gpu_memory_gib": gpu_memory_gib,
@@ -978,16 +981,43 @@ def plan_stage(cfg: dict, idx: int, stage: dict, margs: ModelArgs, world: int, g
         element_mask = math.ceil(sum(p.numel() for n, p in model.named_parameters()
                                      if n.startswith("layers.")) / (world // t["replicate"]))
         per_rank["peak"] += element_mask
-    need = per_rank["peak"] * (1 + HEADROOM_FRACTION) + HEADROOM_GIB * 2**30
+    evals = eval_bytes(cfg, idx, model, set(mask["trainable"]), t, per_rank["parameters"])
+    need = (max(per_rank["peak"], evals or 0) * (1 + HEADROOM_FRACTION)
+            + HEADROOM_GIB * 2**30)
     summary = mask["summary"]["total"]
     return {"name": stage["name"], "kind": stage["kind"], "trainable_params": summary["trainable"],
             "total_params": summary["total"], **m, "per_rank_bytes": per_rank,
-            "element_mask_bytes": element_mask, "needed_bytes": int(need),
+            "element_mask_bytes": element_mask, "eval_bytes": evals, "needed_bytes": int(need),
             "fits": need <= gib * 2**30, "micro_batch_size": t["micro_batch_size"],
             "accumulation": accum, "seq_len": margs.max_seq_len,
             "compute_dtype": str(train.compute_dtype(t, torch.device("cpu")))[6:],
             **{k: t[k] for k in ("activation_checkpointing", "replicate", "replicate_frozen")},
             "granularity": h["granularity"], "data": plan_data(cfg, stage, world)}
+
+
+def eval_bytes(cfg: dict, idx: int, model: Transformer, trainable: set[str], t: dict,
+               params: int) -> int | None:
+    """Per rank, the least the evaluations around stage `idx` hold (None: the config evaluates
+    nothing). train.py scores the stage's model under eval.gathered: every tensor FSDP manages
+    whole, in the compute dtype, on every rank beside `params` (its sharded parameters); and
+    generation's KV cache, in the compute dtype, of at most eval.batch_size sequences and
+    max_batch_tokens positions (one sequence may pass that). The prefill's activations are not
+    counted. The base model's evaluation (before stage 0) holds no more than stage 0's."""
+    e, stages = cfg["eval"], cfg["stages"]
+    if not e["probes"] and not any(s["eval"] for s in stages):
+        return None
+    elt = train.compute_dtype(t, torch.device("cpu")).itemsize
+    whole = sum(p.numel() for n, p in model.named_parameters()
+                if not t["replicate_frozen"] or n in trainable)
+    a = model.args
+    positions = e["batch_size"] * a.max_seq_len
+    if e["max_batch_tokens"]:
+        positions = min(positions, max(e["max_batch_tokens"], a.max_seq_len))
+    # Files to score: after stage idx its own and the earlier stages' and the probes; before
+    # stage 0 (the base model) all of them. Without files the model is still gathered.
+    files = idx == 0 or e["probes"] or any(s["eval"] for s in stages[:idx + 1])
+    kv = positions * a.n_layers * 2 * a.n_kv_heads * a.head_dim * elt if files else 0
+    return params + whole * elt + kv
 
 
 def measure_stage(model: Transformer, t: dict, kind: str, seq: int, accum: int) -> dict:
@@ -1066,11 +1096,10 @@ def plan_batches(kind: str, mb: int, seq: int, n: int) -> tuple[list, list]:
 
 
 def count_records(path: str) -> int:
-    """Records of a data file as data.read_records counts them; a .jsonl file is only split into
-    lines, not parsed (Tulu V2: 326k conversations in about a second)."""
+    """Records of a data file as data.read_records counts them; a .jsonl file's lines are
+    counted as the loader reads them (data._jsonl_lines: a line at a time, not parsed)."""
     if path.lower().endswith(".jsonl"):
-        with open(path, "rb") as f:
-            return sum(1 for line in f if line.strip())
+        return sum(1 for _ in data._jsonl_lines(path))
     return len(data.read_records(path))
 
 
@@ -1106,19 +1135,22 @@ def format_plan(out: dict) -> str:
     m, gib = out["model"], out["gpu_memory_gib"]
     lines = [f"plan: world size {out['world_size']}, {m['params'] / 1e9:.2f}B parameters "
              f"(dim {m['dim']}, {m['n_layers']} layers, vocab {m['vocab_size']}), max_seq_len "
-             f"{m['max_seq_len']}; GiB per rank; fits = peak x {1 + HEADROOM_FRACTION:.2f} + "
-             f"{HEADROOM_GIB:g} GiB <= {gib:g} GiB"]
+             f"{m['max_seq_len']}; GiB per rank; fits = max(peak, eval) x "
+             f"{1 + HEADROOM_FRACTION:.2f} + {HEADROOM_GIB:g} GiB <= {gib:g} GiB"]
     head = (f"{'stage':<14}{'kind':<5}{'trainable':>16}{'mb x acc':>9}{'params':>8}{'grads':>7}"
-            f"{'optim':>7}{'activ':>7}{'peak':>7}  {'peak in':<15}{'fits':<5}{'steps':>8}")
+            f"{'optim':>7}{'activ':>7}{'peak':>7}  {'peak in':<15}{'eval':>6}  {'fits':<5}"
+            f"{'steps':>8}")
     lines += [head, "-" * len(head)]
     for s in out["stages"]:
         b = {k: v / 2**30 for k, v in s["per_rank_bytes"].items()}
-        steps = s["data"]["steps"]
+        steps, evals = s["data"]["steps"], s["eval_bytes"]
         lines.append(f"{s['name'][:13]:<14}{s['kind']:<5}{s['trainable_params']:>16,}"
                      f"{s['micro_batch_size']:>5} x{s['accumulation']:<2}{b['parameters']:>8.2f}"
                      f"{b['gradients']:>7.2f}{b['optimizer']:>7.2f}{b['activations']:>7.2f}"
                      f"{b['peak']:>7.2f}  "
-                     f"{s['peak_phase']:<15}{'yes' if s['fits'] else 'NO':<5}"
+                     f"{s['peak_phase']:<15}"
+                     f"{'-' if evals is None else f'{evals / 2**30:.2f}':>6}  "
+                     f"{'yes' if s['fits'] else 'NO':<5}"
                      f"{steps if steps is not None else '?':>8}")
     lines += [f"- {n}" for n in out["assumptions"]]
     same = [s["name"] for s in out["stages"] if s["measured_in"] != s["name"]]

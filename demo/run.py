@@ -106,12 +106,14 @@ def torchrun(config: str, overrides: list[str], nproc: int, log_path: str, out_d
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
     with open(log_path, "wb") as log:
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-        # Pass bytes through as they come: tqdm redraws its bar with "\r", never a newline.
-        while chunk := os.read(p.stdout.fileno(), 4096):
-            sys.stdout.buffer.write(chunk)
-            sys.stdout.flush()
-            log.write(chunk)
-        p.wait()
+        try:
+            # Pass bytes through as they come: tqdm redraws its bar with "\r", never a newline.
+            while chunk := os.read(p.stdout.fileno(), 4096):
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.flush()
+                log.write(chunk)
+        finally:  # on Ctrl-C too (torchrun gets it as well): its CPU time then counts (study.py)
+            p.wait()
     if p.returncode:
         # train.py writes summary.json last, after every stage is exported and evaluated; a worker
         # that dies later, while gloo shuts down, has lost nothing (seen rarely on CPU).
@@ -123,11 +125,16 @@ def torchrun(config: str, overrides: list[str], nproc: int, log_path: str, out_d
     return time.time() - t0
 
 
+def file_digest(h, path: str):
+    """Feed a file's path and bytes to the hash `h`: the cache keys of the base and the study."""
+    with open(path, "rb") as f:
+        h.update(path.encode() + b"\0" + f.read() + b"\0")
+
+
 def base_key(a, files: list[str]) -> str:
     h = hashlib.sha256()
     for path in files + [a.base_config]:
-        with open(path, "rb") as f:
-            h.update(path.encode() + b"\0" + f.read() + b"\0")
+        file_digest(h, path)
     h.update(json.dumps([a.seed, a.vocab_size, a.dim, a.n_layers, a.n_heads, a.base_args]).encode())
     return h.hexdigest()[:16]
 

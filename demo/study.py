@@ -77,11 +77,6 @@ def int_list(text: str, flag: str) -> list[int]:
     return values
 
 
-def file_digest(h, path: str):
-    with open(path, "rb") as f:
-        h.update(path.encode() + b"\0" + f.read() + b"\0")
-
-
 def model_files(path: str) -> list[str]:
     """A checkpoint directory's model: weights, shapes and tokenizer (not the logs and scores a
     train.py stage directory also holds, whose timings differ between identical runs)."""
@@ -100,7 +95,7 @@ def chain_key(a, args: list[str]) -> str:
     files = model_files(cfg["model"]["path"]) + [cfg["model"]["tokenizer"], *cfg["eval"]["probes"]]
     files += [f for s in cfg["stages"] for f in [s["data"], *map(train._eval_path, s["eval"])]]
     for path in files:
-        file_digest(h, path)
+        run.file_digest(h, path)
     h.update(f"nproc={a.nproc}".encode())
     return h.hexdigest()[:16]
 
@@ -114,11 +109,12 @@ def run_chain(a, method: str, seed: int, overrides: list[str]) -> dict:
     """One method x seed chain (cached, see the module docstring): demo/run.py's read_run numbers
     plus `own` (each task's score right after its stage), CPU seconds and the directory."""
     from checkpoint import write_json
+    from train import read_json
     out_dir = os.path.join(STUDY, method, f"seed{seed}")
     meta_path = f"{out_dir}.json"
     args = run.chain_args(a, out_dir, overrides, seed)
     key = chain_key(a, args)
-    meta = run_json(meta_path)
+    meta = read_json(meta_path)
     done = os.path.exists(os.path.join(out_dir, "summary.json"))
     if meta and meta["key"] == key and meta["done"] and done:
         print(f"study: {method} seed {seed}: reusing the finished chain in {out_dir} (key {key})")
@@ -129,23 +125,18 @@ def run_chain(a, method: str, seed: int, overrides: list[str]) -> dict:
             meta = {"key": key, "args": args, "done": False, "run_seconds": 0.0,
                     "cpu_seconds": 0.0}
             write_json(meta_path, meta)
-        cpu0 = children_cpu()
-        secs = run.torchrun(a.config, args, a.nproc,
-                            os.path.join(STUDY, "logs", f"{method}_seed{seed}.log"), out_dir)
-        # an interrupted chain's earlier attempts count too
-        meta.update(done=True, run_seconds=meta["run_seconds"] + secs,
-                    cpu_seconds=meta["cpu_seconds"] + children_cpu() - cpu0)
-        write_json(meta_path, meta)
+        t0, cpu0 = time.time(), children_cpu()
+        try:
+            run.torchrun(a.config, args, a.nproc,
+                         os.path.join(STUDY, "logs", f"{method}_seed{seed}.log"), out_dir)
+            meta["done"] = True
+        finally:  # an interrupted attempt counts too: a resumed chain's time is all its attempts'
+            meta.update(run_seconds=meta["run_seconds"] + time.time() - t0,
+                        cpu_seconds=meta["cpu_seconds"] + children_cpu() - cpu0)
+            write_json(meta_path, meta)
     r = run.read_run(out_dir, meta["run_seconds"])
     return {**r, "own": [row[i] for i, row in enumerate(r["matrix"])],
             "cpu_seconds": meta["cpu_seconds"], "out_dir": out_dir, "key": key}
-
-
-def run_json(path: str):
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
 
 
 def mean_std(values: list[float]) -> tuple[float, float | None]:
@@ -188,12 +179,13 @@ def differences(results: dict[str, dict], pairs: list[tuple[str, str]]) -> dict:
 
 def eval_files(cfg: dict) -> tuple[list[str], dict[str, str]]:
     """The pilot's files: the probes (knowledge and general tests), and each stage's test file."""
+    import train
     tasks = {}
     for s in cfg["stages"]:
         if len(s["eval"]) != 1:
             raise ValueError(f"study: stage '{s['name']}' has {len(s['eval'])} eval files; the "
                              "pilot scores each continual task on exactly one")
-        tasks[s["name"]] = s["eval"][0] if isinstance(s["eval"][0], str) else s["eval"][0]["path"]
+        tasks[s["name"]] = train._eval_path(s["eval"][0])
     return list(cfg["eval"]["probes"]), tasks
 
 
@@ -205,14 +197,15 @@ def score_model(path: str, cfg: dict, label: str) -> dict:
     import data
     import eval as ev
     from checkpoint import load_model, write_json
+    from train import read_json
     probes, tasks = eval_files(cfg)
     e = cfg["eval"]
     settings = {k: e[k] for k in ("max_new_tokens", "batch_size", "max_batch_tokens")}
     h = hashlib.sha256(json.dumps([settings, cfg["model"]["max_seq_len"]]).encode())
     for f in model_files(path) + [cfg["model"]["tokenizer"], *probes, *tasks.values()]:
-        file_digest(h, f)
+        run.file_digest(h, f)
     cache = os.path.join(PILOT, "scores", label.replace("/", "_") + ".json")
-    cached = run_json(cache)
+    cached = read_json(cache)
     if cached and cached["key"] == h.hexdigest()[:16]:
         return cached["scores"]
     t0, cpu0 = time.time(), sum(resource.getrusage(resource.RUSAGE_SELF)[:2])

@@ -174,12 +174,18 @@ def _g_kinds(rng):
     return f"Name the kind of each word: {' '.join(words)}", " ".join(KINDS[w] for w in words)
 
 
-def _g_pick_city(rng):
+def _which_one(rng, kind: int, question: str):
+    """Multiple choice: `question`, then a city, a profession and a company in random order as
+    (A) (B) (C); the answer is the letter of the one at `kind` (0 city, 1 profession, 2 company)."""
     options = [rng.choice(CITIES), rng.choice(PROFESSIONS), rng.choice(EMPLOYERS)]
-    city = options[0]
+    right = options[kind]
     rng.shuffle(options)
     body = " ".join(f"({'ABC'[i]}) {o}" for i, o in enumerate(options))
-    return f"Which one is a city? {body}", "ABC"[options.index(city)]
+    return f"{question} {body}", "ABC"[options.index(right)]
+
+
+def _g_pick_city(rng):
+    return _which_one(rng, 0, "Which one is a city?")
 
 
 GENERAL_TASKS = {"sort": _g_sort, "next": _g_next, "count": _g_count, "first": _g_first,
@@ -209,12 +215,8 @@ def _translate(rng):
     return f"Translate to Elvish: {' '.join(words)}", " ".join(LEXICON[w] for w in words)
 
 
-def _choice(rng):
-    options = [rng.choice(CITIES), rng.choice(PROFESSIONS), rng.choice(EMPLOYERS)]
-    job = options[1]
-    rng.shuffle(options)
-    body = " ".join(f"({'ABC'[i]}) {o}" for i, o in enumerate(options))
-    return f"Which one is a profession? {body}", "ABC"[options.index(job)]
+def _choice(rng):  # the chat stage's pick_city format, asking for another kind
+    return _which_one(rng, 1, "Which one is a profession?")
 
 
 def _minus(rng):

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -425,6 +426,7 @@ def test_study_rerun_reuses_finished_chains_and_reruns_changed_ones(study_run, m
 
     def fake_torchrun(config, args, nproc, log_path, out_dir):
         calls.append((args, os.path.exists(os.path.join(out_dir, continual_stages()[0]))))
+        time.sleep(0.01)
         raise KeyboardInterrupt  # killed mid-chain
     monkeypatch.setattr(run, "torchrun", fake_torchrun)
     changed = [*run.METHODS["fft"], "--train.lr", "1e-3"]
@@ -436,16 +438,21 @@ def test_study_rerun_reuses_finished_chains_and_reruns_changed_ones(study_run, m
     with open("runs/study/probe/seed1.json") as f:
         meta = json.load(f)
     assert meta["key"] != old["key"] and meta["done"] is False and "1e-3" in meta["args"]
+    assert meta["run_seconds"] >= 0.01  # an interrupted attempt's time counts
     # The same setting after the kill: train.py is called on the kept out_dir (it resumes).
     os.makedirs(f"runs/study/probe/seed1/{continual_stages()[0]}")
     with pytest.raises(KeyboardInterrupt):
         study.run_chain(a, "probe", 1, changed)
     assert calls[-1][1] is True
+    with open("runs/study/probe/seed1.json") as f:
+        assert json.load(f)["run_seconds"] >= meta["run_seconds"] + 0.01  # both attempts'
     # Other inputs are other keys too: the seed, the number of ranks, a task file's bytes.
     args = run.chain_args(a, "runs/study/fft/seed1", run.METHODS["fft"], 1)
     key = study.chain_key(a, args)
     seed2 = run.chain_args(a, "runs/study/fft/seed1", run.METHODS["fft"], 2)
     assert study.chain_key(a, seed2) != key
+    # a setting, in the same out_dir (the probe above differs in its out_dir too)
+    assert study.chain_key(a, run.chain_args(a, "runs/study/fft/seed1", changed, 1)) != key
     b = run.parse_args([*ARGS, "--config", str(root / "demo_2stages.toml"), "--nproc", "1"])
     assert study.chain_key(b, args) != key
     task = os.path.join(run.DATA, "tasks", f"{continual_stages()[0]}_train.jsonl")
@@ -472,3 +479,25 @@ def test_readme_study_tables_are_generated_from_results():
     rows = [ln for ln in section.splitlines() if ln.startswith("|")]
     assert len(rows) >= 20
     assert [r for r in rows if r not in generated] == []
+
+
+def test_readme_study_numbers_in_the_text_are_the_results():
+    """The "The study" section's numbers outside its tables, from results/study.json: the chat
+    model's scores, HFT minus FFT seed by seed, and the time of the chains and of the pilot."""
+    from demo import study
+    with open(os.path.join(ROOT, "results", "study.json")) as f:
+        s = json.load(f)
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    text = " ".join(readme[readme.index("## The study"):readme.index("## Recipes")].split())
+    b, t, seeds = s["base"], s["time"], s["settings"]["seeds"]
+    assert (f"the chat model has knowledge {b['base_knowledge']:.1f} and general-task accuracy "
+            f"{b['base_general']:.1f}") in text
+    fft, hft = s["methods"]["fft"]["seeds"], s["methods"]["hft"]["seeds"]
+    paired = "; ".join(f"{k} " + ", ".join(f"{hft[str(x)][k] - fft[str(x)][k]:+.1f}"
+                                           for x in seeds) for k in study.METRICS)
+    assert f"HFT minus FFT on seeds {', '.join(map(str, seeds))}: {paired}." in text
+    chains = sum(len(m["seeds"]) for m in s["methods"].values())
+    assert (f"the {chains} chains took {t['chains_cpu_seconds']:.0f} CPU-seconds "
+            f"({t['chains_wall_seconds'] / 60:.0f} minutes of wall time") in text
+    assert f"the pilot's evaluations {t['pilot_eval_cpu_seconds']:.0f} CPU-seconds" in text

@@ -166,6 +166,45 @@ def test_tracker_matches_the_cpu_allocator_on_a_real_step(precision, checkpointi
     assert peaks["real"] == pytest.approx(peaks["allocator"], rel=0.001)
 
 
+def test_dtensor_shape_propagation_is_not_counted(shapes):
+    """DTensor works out an op's output shape by running the op on fake tensors of the global
+    shape, once per process and op signature (then cached). In a fresh process the first plan
+    runs those propagations under the tracker and must not count them (bench.untracked_
+    propagation; without it this 2-layer 7B FFT plan counted a whole fp32 model as activations,
+    2.5 GiB instead of 0.1): it equals the second plan, whose propagations are all cached."""
+    cfg = os.path.join(ROOT, "configs", "tulu_sft_7b_fft.toml")
+    code = ("import json, bench, train\n"
+            f"cfg = train.load_config({cfg!r}, ['--model.path', {shapes['7b']!r}, "
+            "'--model.max_seq_len', '128'])\n"
+            "print(json.dumps([bench.plan(cfg, 8)['stages'][0]['per_rank_bytes'] "
+            "for _ in range(2)]))")
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    first, cached = json.loads(p.stdout.splitlines()[-1])
+    assert first == cached
+
+
+def test_evaluations_hold_the_gathered_model_and_the_kv_cache(shapes):
+    """After each stage train.py scores the model under eval.gathered: the whole model in bf16 on
+    every rank beside its fp32 shards, and generation's KV cache; fits counts it when it is more
+    than the training step's peak (here a batch of 512 sequences of 256 tokens: 4 GiB)."""
+    path = shapes["7b"]
+    args = read_model_args(path, max_seq_len=256)
+    cfg = recipe("trace_7b.toml", path, "--model.max_seq_len", "256", "--eval.batch_size", "512",
+                 "--eval.max_batch_tokens", "0", "--eval.max_new_tokens", "16")
+    stages = bench.plan(cfg, 8)["stages"]
+    kv = 512 * 256 * args.n_layers * 2 * args.n_kv_heads * args.head_dim * 2
+    for st in stages:
+        b = st["per_rank_bytes"]
+        assert st["eval_bytes"] == b["parameters"] + 2 * n_params(args) + kv
+        assert st["eval_bytes"] > b["peak"]
+        assert st["needed_bytes"] == int(st["eval_bytes"] * (1 + bench.HEADROOM_FRACTION)
+                                         + bench.HEADROOM_GIB * GIB)
+    assert bench.plan(recipe("tulu_sft_7b.toml", path, "--model.max_seq_len", "256"),
+                      8)["stages"][0]["eval_bytes"] is None  # no eval files, no probes
+
+
 def test_model_args_from_config_json_alone(tmp_path):
     path = hf_dir(tmp_path, "13b")
     assert os.listdir(path) == ["config.json"]
@@ -199,11 +238,12 @@ def write_tiny(root, spm_path=None, n_records=40):
     (model / "params.json").write_text(json.dumps(params))
     if spm_path:
         shutil.copy(spm_path, model / "tokenizer.model")
-    with open(root / "sft.jsonl", "w") as f:
+    with open(root / "sft.jsonl", "w", encoding="utf-8") as f:
         for i in range(n_records):
             f.write(json.dumps({"messages": [{"role": "user", "content": f"add {i}"},
                                              {"role": "assistant", "content": f"{i + 1}"}]})
                     + "\n\n")
+        f.write("\u00a0\n")  # blank to the loader too (str.strip), not to bytes.strip
     cfg = root / "plan.toml"
     cfg.write_text(f"""out_dir = "{root / 'out'}"
 [model]
@@ -256,8 +296,10 @@ def test_cli_prints_the_table_and_writes_the_json(tmp_path, spm_path):
         assert all(isinstance(v, int) and v > 0 for v in b.values())
         assert b["peak"] >= b["parameters"] + b["gradients"] + b["optimizer"]
         assert st["fits"] is True and st["accumulation"] == 2 == st["simulated_micro_batches"]
+        assert st["eval_bytes"] is None  # nothing to evaluate: the model is never gathered
     sft, dpo, sft2 = res["stages"]
-    # 40 records (blank lines skipped), 8 per step, 3 epochs; the dpo file is missing.
+    # 40 records (blank lines skipped, as the loader skips them), 8 per step, 3 epochs; the dpo
+    # file is missing.
     assert sft["data"]["examples"] == 40 and sft["data"]["steps"] == 15
     assert sft["data"]["tokens_max"] == 15 * 8 * 64
     assert dpo["data"]["steps"] is None and "missing.jsonl" in dpo["data"]["why_unknown"]

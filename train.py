@@ -293,14 +293,16 @@ def shard_model(model: Transformer, tcfg: dict, device) -> Transformer:
     mesh = (init_device_mesh(device.type, (rep, world // rep),
                              mesh_dim_names=("replicate", "shard"))
             if rep > 1 else init_device_mesh(device.type, (world,), mesh_dim_names=("shard",)))
-    bf16 = compute_dtype(tcfg, device) == torch.bfloat16
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
+    cdtype = compute_dtype(tcfg, device)
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if cdtype == torch.bfloat16 else None,
                               reduce_dtype=torch.float32, cast_forward_inputs=False)
     if tcfg["activation_checkpointing"]:
         for block in model.layers:
             _checkpoint_block(block)
     frozen = ({p for p in model.parameters() if not p.requires_grad}
               if tcfg["replicate_frozen"] else None)
+    for p in frozen or ():  # cast while on meta: to_empty allocates them once, never in fp32
+        p.data = p.data.to(cdtype)
     for block in model.layers:
         fully_shard(block, mesh=mesh, mp_policy=mp, ignored_params=frozen)
     fully_shard(model, mesh=mesh, mp_policy=mp, ignored_params=frozen)
@@ -326,7 +328,7 @@ def build_model(reader: CheckpointReader, tcfg: dict, trainable: set[str] | None
     shard_model(model, tcfg, device)
     model.to_empty(device=device)
     model.init_buffers()
-    fill_weights(model, reader, whole_dtype=compute_dtype(tcfg, device))
+    fill_weights(model, reader)
     return model
 
 

@@ -19,6 +19,7 @@ from conftest import ROOT
 from test_train import load_weights, torchrun, world, write_cfg  # noqa: F401  (world: fixture)
 
 import collective_guard  # noqa: E402
+import hft  # noqa: E402
 from checkpoint import CheckpointReader  # noqa: E402
 
 TRAIN = os.path.join(ROOT, "train.py")
@@ -183,6 +184,27 @@ def test_a_sharded_model_is_freed_by_del_and_gc(one_rank, tiny_ckpt):
     del model, reader
     gc.collect()
     assert ref() is None and p_ref() is None
+
+
+def test_replicated_frozen_tensors_are_allocated_in_the_compute_dtype(one_rank, tiny_ckpt):
+    """replicate_frozen under bf16: the frozen tensors are bf16 already on the meta device, so
+    `to_empty` never allocates them in fp32 (twice their memory while the model is built: the
+    whole model for the base evaluation), and they hold the checkpoint rounded to bf16."""
+    import train
+    from model import Transformer
+    reader = CheckpointReader(tiny_ckpt)
+    t = dict(TCFG, replicate_frozen=True)
+    trainable = {n for n in reader.keys() if n.startswith("layers.0.")}
+    with torch.device("meta"):
+        meta = Transformer(reader.args)
+    hft.apply_mask(meta, trainable)
+    train.shard_model(meta, t, torch.device("cpu"))
+    assert {n: p.dtype for n, p in meta.named_parameters()} == {
+        n: torch.float32 if n in trainable else torch.bfloat16 for n in reader.keys()}
+    model = train.build_model(reader, t, trainable, torch.device("cpu"))
+    for name, p in model.named_parameters():
+        if name not in trainable:
+            assert p.dtype == torch.bfloat16 and torch.equal(p, reader.get(name).bfloat16()), name
 
 
 def test_device_cuda_without_a_gpu_exits_2_naming_the_key(world, tmp_path):

@@ -917,6 +917,7 @@ def start_run(cfg: dict):
         device = setup_distributed(cfg["train"]["device"])
     except ValueError as e:  # train.device = "cuda" without a GPU
         raise ConfigError(str(e)) from None
+    check_world(cfg, dist.get_world_size())
     t0 = cfg["stages"][0]["train"]
     log(f"hft: world size {dist.get_world_size()}, backend {dist.get_backend()}, device "
         f"{describe(device)}, compute {str(compute_dtype(t0, device))[6:]} (train.precision = "
@@ -935,6 +936,20 @@ def start_run(cfg: dict):
     record_config(cfg, cfg["out_dir"])
     torch.manual_seed(cfg["seed"])
     return device, tok
+
+
+def check_world(cfg: dict, world: int):
+    """Every stage's settings that depend on the world size, at start: found only when the stage
+    is built, a later stage's would stop the run after the earlier stages had trained."""
+    for s in cfg["stages"]:
+        t, where = s["train"], f"stage '{s['name']}'"
+        if world % t["replicate"]:
+            raise ConfigError(f"{where}: train.replicate = {t['replicate']} does not divide the "
+                              f"world size {world}")
+        share = world * t["micro_batch_size"]
+        if t["batch_size"] % share:
+            raise ConfigError(f"{where}: train.batch_size = {t['batch_size']} is not a multiple "
+                              f"of train.micro_batch_size x world size = {share}")
 
 
 def evaluate_base(cfg, init_path, tok, device) -> dict:

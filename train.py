@@ -981,7 +981,10 @@ def read_json(path: str):
 def record_config(cfg: dict, out: str):
     """Write the resolved config to <out_dir>/run_config.json. On a rerun, first warn about
     every key whose value differs from the recorded one: a warning, not an error (lowering
-    micro_batch_size after running out of memory is legitimate), but never silent."""
+    micro_batch_size after running out of memory is legitimate), but never silent. Rank 0's
+    work: it alone prints and writes."""
+    if dist.get_rank() != 0:
+        return
     path = os.path.join(out, "run_config.json")
     if os.path.exists(path):
         with open(path) as f:
@@ -991,8 +994,7 @@ def record_config(cfg: dict, out: str):
             if old.get(key, "(absent)") != new.get(key, "(absent)"):
                 log(f"warning: {key} = {new.get(key, '(absent)')!r} differs from "
                     f"{old.get(key, '(absent)')!r} recorded in {path} by an earlier run")
-    if dist.get_rank() == 0:
-        write_json(path, cfg)
+    write_json(path, cfg)
 
 
 def _flatten(x, prefix=""):

@@ -79,7 +79,10 @@ def test_bf16_dpo_starts_near_ln2(bf16_run):
     assert lines[-1]["loss"] < lines[0]["loss"]
 
 
-def test_every_collective_kept_its_buffers_on_the_inputs_device(bf16_run):
+def test_the_guard_watched_the_runs_collectives(bf16_run):
+    """On a CPU every buffer is on the CPU, so here the guard can only show that it saw the
+    run's collectives; the device check itself is exercised under a fake CUDA process group
+    (test_gather_rows_keeps_buffers_on_a_gpu_under_a_fake_process_group)."""
     out, _ = bf16_run
     calls = []
     for rank in (0, 1):

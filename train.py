@@ -286,13 +286,7 @@ def shard_model(model: Transformer, tcfg: dict, device) -> Transformer:
     `replicate_frozen`: frozen tensors stay out of FSDP, whole on every rank in the compute dtype,
     so they are never all-gathered (forward or backward) nor cast. It trades their memory on every
     rank for communication: bench.py measures what it saves."""
-    world = dist.get_world_size()
-    rep = tcfg["replicate"]
-    if world % rep:
-        raise ConfigError(f"train.replicate = {rep} does not divide the world size {world}")
-    mesh = (init_device_mesh(device.type, (rep, world // rep),
-                             mesh_dim_names=("replicate", "shard"))
-            if rep > 1 else init_device_mesh(device.type, (world,), mesh_dim_names=("shard",)))
+    mesh = device_mesh(device, tcfg["replicate"])
     cdtype = compute_dtype(tcfg, device)
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if cdtype == torch.bfloat16 else None,
                               reduce_dtype=torch.float32, cast_forward_inputs=False)
@@ -312,6 +306,27 @@ def shard_model(model: Transformer, tcfg: dict, device) -> Transformer:
             m.set_gradient_divide_factor(1.0)
             m.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM
     return model
+
+
+_MESH: dict = {}
+
+
+def device_mesh(device, rep: int):
+    """The 1-D mesh of all ranks, or the 2-D (replicate, shard) one of HSDP, made once per process
+    group: each 2-D init_device_mesh makes new process groups (NCCL communicators), which live
+    until the process group is destroyed, so a mesh per stage would pile them up."""
+    world = dist.get_world_size()
+    if world % rep:
+        raise ConfigError(f"train.replicate = {rep} does not divide the world size {world}")
+    if _MESH.get("world") is not dist.group.WORLD:
+        _MESH.clear()
+        _MESH["world"] = dist.group.WORLD
+    if (device.type, rep) not in _MESH:
+        _MESH[device.type, rep] = (
+            init_device_mesh(device.type, (rep, world // rep),
+                             mesh_dim_names=("replicate", "shard"))
+            if rep > 1 else init_device_mesh(device.type, (world,), mesh_dim_names=("shard",)))
+    return _MESH[device.type, rep]
 
 
 def build_model(reader: CheckpointReader, tcfg: dict, trainable: set[str] | None,

@@ -209,6 +209,40 @@ def test_replicated_frozen_tensors_are_allocated_in_the_compute_dtype(one_rank, 
             assert p.dtype == torch.bfloat16 and torch.equal(p, reader.get(name).bfloat16()), name
 
 
+MESH_WORKER = r'''
+import sys, torch, torch.distributed as dist
+sys.path.insert(0, sys.argv[3])
+import train
+from model import ModelArgs, Transformer
+dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=int(sys.argv[1]),
+                        world_size=2)
+t = dict(train.DEFAULTS["train"], replicate=2)
+groups = []
+for stage in range(3):
+    with torch.device("meta"):
+        m = Transformer(ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=64, multiple_of=32))
+    train.shard_model(m, t, torch.device("cpu"))
+    groups.append(len(dist.distributed_c10d._world.pg_map))  # every group this rank has made
+assert groups == [groups[0]] * 3, groups
+dist.destroy_process_group()
+print("ok", sys.argv[1])
+'''
+
+
+def test_hsdp_stages_share_one_mesh_and_its_process_groups(tmp_path):
+    """Each 2-D init_device_mesh makes new process groups (eagerly created NCCL communicators on
+    GPUs) that live as long as the run: three stages' models, on two gloo ranks, make them once."""
+    script = tmp_path / "worker.py"
+    script.write_text(MESH_WORKER)
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), str(tmp_path / "pg"), ROOT],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=dict(os.environ, OMP_NUM_THREADS="1"))
+             for r in range(2)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    for rank, (p, out) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0 and f"ok {rank}" in out, out[-2000:]
+
+
 def test_device_cuda_without_a_gpu_exits_2_naming_the_key(world, tmp_path):
     cfg = write_cfg(world, "nocuda", bf16_stages(world)[:1])
     p = subprocess.run([sys.executable, TRAIN, "--config", str(cfg), "--train.device", "cuda"],

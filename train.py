@@ -286,21 +286,17 @@ def shard_model(model: Transformer, tcfg: dict, device) -> Transformer:
     `replicate_frozen`: frozen tensors stay out of FSDP, whole on every rank in the compute dtype,
     so they are never all-gathered (forward or backward) nor cast. It trades their memory on every
     rank for communication: bench.py measures what it saves."""
-    world = dist.get_world_size()
-    rep = tcfg["replicate"]
-    if world % rep:
-        raise ConfigError(f"train.replicate = {rep} does not divide the world size {world}")
-    mesh = (init_device_mesh(device.type, (rep, world // rep),
-                             mesh_dim_names=("replicate", "shard"))
-            if rep > 1 else init_device_mesh(device.type, (world,), mesh_dim_names=("shard",)))
-    bf16 = compute_dtype(tcfg, device) == torch.bfloat16
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
+    mesh = device_mesh(device, tcfg["replicate"])
+    cdtype = compute_dtype(tcfg, device)
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if cdtype == torch.bfloat16 else None,
                               reduce_dtype=torch.float32, cast_forward_inputs=False)
     if tcfg["activation_checkpointing"]:
         for block in model.layers:
             _checkpoint_block(block)
     frozen = ({p for p in model.parameters() if not p.requires_grad}
               if tcfg["replicate_frozen"] else None)
+    for p in frozen or ():  # cast while on meta: to_empty allocates them once, never in fp32
+        p.data = p.data.to(cdtype)
     for block in model.layers:
         fully_shard(block, mesh=mesh, mp_policy=mp, ignored_params=frozen)
     fully_shard(model, mesh=mesh, mp_policy=mp, ignored_params=frozen)
@@ -310,6 +306,27 @@ def shard_model(model: Transformer, tcfg: dict, device) -> Transformer:
             m.set_gradient_divide_factor(1.0)
             m.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM
     return model
+
+
+_MESH: dict = {}
+
+
+def device_mesh(device, rep: int):
+    """The 1-D mesh of all ranks, or the 2-D (replicate, shard) one of HSDP, made once per process
+    group: each 2-D init_device_mesh makes new process groups (NCCL communicators), which live
+    until the process group is destroyed, so a mesh per stage would pile them up."""
+    world = dist.get_world_size()
+    if world % rep:
+        raise ConfigError(f"train.replicate = {rep} does not divide the world size {world}")
+    if _MESH.get("world") is not dist.group.WORLD:
+        _MESH.clear()
+        _MESH["world"] = dist.group.WORLD
+    if (device.type, rep) not in _MESH:
+        _MESH[device.type, rep] = (
+            init_device_mesh(device.type, (rep, world // rep),
+                             mesh_dim_names=("replicate", "shard"))
+            if rep > 1 else init_device_mesh(device.type, (world,), mesh_dim_names=("shard",)))
+    return _MESH[device.type, rep]
 
 
 def build_model(reader: CheckpointReader, tcfg: dict, trainable: set[str] | None,
@@ -326,7 +343,7 @@ def build_model(reader: CheckpointReader, tcfg: dict, trainable: set[str] | None
     shard_model(model, tcfg, device)
     model.to_empty(device=device)
     model.init_buffers()
-    fill_weights(model, reader, whole_dtype=compute_dtype(tcfg, device))
+    fill_weights(model, reader)
     return model
 
 
@@ -915,6 +932,7 @@ def start_run(cfg: dict):
         device = setup_distributed(cfg["train"]["device"])
     except ValueError as e:  # train.device = "cuda" without a GPU
         raise ConfigError(str(e)) from None
+    check_world(cfg, dist.get_world_size())
     t0 = cfg["stages"][0]["train"]
     log(f"hft: world size {dist.get_world_size()}, backend {dist.get_backend()}, device "
         f"{describe(device)}, compute {str(compute_dtype(t0, device))[6:]} (train.precision = "
@@ -933,6 +951,20 @@ def start_run(cfg: dict):
     record_config(cfg, cfg["out_dir"])
     torch.manual_seed(cfg["seed"])
     return device, tok
+
+
+def check_world(cfg: dict, world: int):
+    """Every stage's settings that depend on the world size, at start: found only when the stage
+    is built, a later stage's would stop the run after the earlier stages had trained."""
+    for s in cfg["stages"]:
+        t, where = s["train"], f"stage '{s['name']}'"
+        if world % t["replicate"]:
+            raise ConfigError(f"{where}: train.replicate = {t['replicate']} does not divide the "
+                              f"world size {world}")
+        share = world * t["micro_batch_size"]
+        if t["batch_size"] % share:
+            raise ConfigError(f"{where}: train.batch_size = {t['batch_size']} is not a multiple "
+                              f"of train.micro_batch_size x world size = {share}")
 
 
 def evaluate_base(cfg, init_path, tok, device) -> dict:
@@ -964,7 +996,10 @@ def read_json(path: str):
 def record_config(cfg: dict, out: str):
     """Write the resolved config to <out_dir>/run_config.json. On a rerun, first warn about
     every key whose value differs from the recorded one: a warning, not an error (lowering
-    micro_batch_size after running out of memory is legitimate), but never silent."""
+    micro_batch_size after running out of memory is legitimate), but never silent. Rank 0's
+    work: it alone prints and writes."""
+    if dist.get_rank() != 0:
+        return
     path = os.path.join(out, "run_config.json")
     if os.path.exists(path):
         with open(path) as f:
@@ -974,8 +1009,7 @@ def record_config(cfg: dict, out: str):
             if old.get(key, "(absent)") != new.get(key, "(absent)"):
                 log(f"warning: {key} = {new.get(key, '(absent)')!r} differs from "
                     f"{old.get(key, '(absent)')!r} recorded in {path} by an earlier run")
-    if dist.get_rank() == 0:
-        write_json(path, cfg)
+    write_json(path, cfg)
 
 
 def _flatten(x, prefix=""):

@@ -60,12 +60,11 @@ def one_rank(tmp_path):
 
 
 @pytest.fixture
-def tiny_ckpt(tmp_path, spm_path):
-    """A tiny Meta-format checkpoint (dim 64, 2 layers, vocab 320, max_seq_len 64)."""
+def tiny_ckpt(tmp_path, spm_path, tiny_args):
+    """A tiny Meta-format checkpoint of tiny_args' shapes."""
     from checkpoint import save_model
-    from model import ModelArgs, Transformer
-    m = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=320, multiple_of=32,
-                              max_seq_len=64))
+    from model import Transformer
+    m = Transformer(tiny_args)
     m.init_weights(seed=0)
     save_model(m, str(tmp_path / "ckpt"), format="meta", tokenizer=spm_path)
     return str(tmp_path / "ckpt")

@@ -3,7 +3,6 @@ replicate_frozen, DPO, kill and resume, the fp32 export of frozen tensors), coll
 buffers must stay on the rank's device (checked under a fake "cuda" process group), the rotary
 table under FSDP mixed precision, gradients reduce-scattered per micro-batch, SIGTERM between
 micro-batches, a model freed after `del`, and `train.device = "cuda"` without a GPU."""
-import gc
 import json
 import math
 import os
@@ -19,6 +18,7 @@ from conftest import ROOT
 from test_train import load_weights, torchrun, world, write_cfg  # noqa: F401  (world: fixture)
 
 import collective_guard  # noqa: E402
+import hft  # noqa: E402
 from checkpoint import CheckpointReader  # noqa: E402
 
 TRAIN = os.path.join(ROOT, "train.py")
@@ -79,7 +79,10 @@ def test_bf16_dpo_starts_near_ln2(bf16_run):
     assert lines[-1]["loss"] < lines[0]["loss"]
 
 
-def test_every_collective_kept_its_buffers_on_the_inputs_device(bf16_run):
+def test_the_guard_watched_the_runs_collectives(bf16_run):
+    """On a CPU every buffer is on the CPU, so here the guard can only show that it saw the
+    run's collectives; the device check itself is exercised under a fake CUDA process group
+    (test_gather_rows_keeps_buffers_on_a_gpu_under_a_fake_process_group)."""
     out, _ = bf16_run
     calls = []
     for rank in (0, 1):
@@ -181,8 +184,63 @@ def test_a_sharded_model_is_freed_by_del_and_gc(one_rank, tiny_ckpt):
     model(torch.randint(0, 320, (1, 8)))
     ref, p_ref = weakref.ref(model), weakref.ref(next(model.parameters()))
     del model, reader
-    gc.collect()
+    train.release_memory(torch.device("cpu"))  # what the runner calls after each stage
     assert ref() is None and p_ref() is None
+
+
+def test_replicated_frozen_tensors_are_allocated_in_the_compute_dtype(one_rank, tiny_ckpt):
+    """replicate_frozen under bf16: the frozen tensors are bf16 already on the meta device, so
+    `to_empty` never allocates them in fp32 (twice their memory while the model is built: the
+    whole model for the base evaluation), and they hold the checkpoint rounded to bf16."""
+    import train
+    from model import Transformer
+    reader = CheckpointReader(tiny_ckpt)
+    t = dict(TCFG, replicate_frozen=True)
+    trainable = {n for n in reader.keys() if n.startswith("layers.0.")}
+    with torch.device("meta"):
+        meta = Transformer(reader.args)
+    hft.apply_mask(meta, trainable)
+    train.shard_model(meta, t, torch.device("cpu"))
+    assert {n: p.dtype for n, p in meta.named_parameters()} == {
+        n: torch.float32 if n in trainable else torch.bfloat16 for n in reader.keys()}
+    model = train.build_model(reader, t, trainable, torch.device("cpu"))
+    for name, p in model.named_parameters():
+        if name not in trainable:
+            assert p.dtype == torch.bfloat16 and torch.equal(p, reader.get(name).bfloat16()), name
+
+
+MESH_WORKER = r'''
+import sys, torch, torch.distributed as dist
+sys.path.insert(0, sys.argv[3])
+import train
+from model import ModelArgs, Transformer
+dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=int(sys.argv[1]),
+                        world_size=2)
+t = dict(train.DEFAULTS["train"], replicate=2)
+groups = []
+for stage in range(3):
+    with torch.device("meta"):
+        m = Transformer(ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=64, multiple_of=32))
+    train.shard_model(m, t, torch.device("cpu"))
+    groups.append(len(dist.distributed_c10d._world.pg_map))  # every group this rank has made
+assert groups == [groups[0]] * 3, groups
+dist.destroy_process_group()
+print("ok", sys.argv[1])
+'''
+
+
+def test_hsdp_stages_share_one_mesh_and_its_process_groups(tmp_path):
+    """Each 2-D init_device_mesh makes new process groups (eagerly created NCCL communicators on
+    GPUs) that live as long as the run: three stages' models, on two gloo ranks, make them once."""
+    script = tmp_path / "worker.py"
+    script.write_text(MESH_WORKER)
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), str(tmp_path / "pg"), ROOT],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=dict(os.environ, OMP_NUM_THREADS="1"))
+             for r in range(2)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    for rank, (p, out) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0 and f"ok {rank}" in out, out[-2000:]
 
 
 def test_device_cuda_without_a_gpu_exits_2_naming_the_key(world, tmp_path):

@@ -384,6 +384,17 @@ def test_settings_that_only_make_sense_together_fail_in_load_config(world):
             and not (world / "together").exists())
 
 
+def test_a_later_stage_that_does_not_fit_the_world_size_stops_the_run_at_start(world):
+    stages = two_stages(world)
+    stages[1]["batch_size"] = 6  # a multiple of micro_batch_size = 2, not of 2 x 2 ranks
+    cfg = write_cfg(world, "worldfit", stages)
+    p = torchrun(cfg, check=False)
+    assert p.returncode != 0 and ("stage 'trace': train.batch_size = 6 is not a multiple of "
+                                  "train.micro_batch_size x world size = 4") in p.stderr, \
+        p.stderr[-2000:]
+    assert not (world / "worldfit").exists()  # the first stage did not train
+
+
 @pytest.mark.parametrize("name", ["..", ".", "a/b", ".hidden", "-x", "x" * 101, "a b"])
 def test_stage_names_are_plain_directory_names(world, name):
     import train

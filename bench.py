@@ -148,9 +148,6 @@ def build(mode: str, margs: ModelArgs, tcfg: dict, device, args) -> dict:
             local, g = (p.to_local(), shards) if isinstance(p, DTensor) else (p, whole)
             (local.fill_(1.0) if name.endswith("norm.weight")
              else local.normal_(0.0, 0.02, generator=g))
-            # replicated frozen tensor: compute dtype, as train.build_model
-            if not isinstance(p, DTensor):
-                p.data = p.data.to(train.compute_dtype(tcfg, device))
     opt = torch.optim.AdamW(hft.param_groups(model, tcfg["weight_decay"]), lr=tcfg["lr"],
                             betas=tuple(tcfg["betas"]), foreach=True)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -913,6 +910,7 @@ def plan(cfg: dict, world_size: int, gpu_memory_gib: float = 80.0) -> dict:
         n_params = sum(p.numel() for p in Transformer(margs).parameters())
     if dist.is_initialized():
         raise RuntimeError("bench.plan makes its own (fake) process group: call it without one")
+    train.check_world(cfg, world_size)
     # registers the "fake" backend
     from torch.testing._internal.distributed.fake_pg import FakeStore
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
@@ -945,11 +943,7 @@ def plan_settings(stage: dict, world: int) -> tuple[dict, int]:
     """The stage's [train] settings as a GPU run resolves them, and its micro-batches per step."""
     t = dict(stage["train"])
     t["precision"] = "bf16" if t["precision"] == "auto" else t["precision"]
-    share = world * t["micro_batch_size"]
-    if t["batch_size"] % share:
-        raise train.ConfigError(f"stage '{stage['name']}': train.batch_size = {t['batch_size']} is "
-                                f"not a multiple of train.micro_batch_size x world size = {share}")
-    return t, t["batch_size"] // share
+    return t, t["batch_size"] // (world * t["micro_batch_size"])  # train.check_world: divides
 
 
 # The [train] settings a step's memory depends on (besides the micro-batches per step).
@@ -1042,10 +1036,6 @@ def materialize(model: Transformer, t: dict):
     train.prepare_stage builds. Under FakeTensorMode the storage is only shapes."""
     model.to_empty(device="cpu")
     model.init_buffers()
-    cdtype = train.compute_dtype(t, torch.device("cpu"))
-    for p in model.parameters():
-        if not isinstance(p, DTensor):
-            p.data = p.data.to(cdtype)
     return torch.optim.AdamW(hft.param_groups(model, t["weight_decay"]), lr=t["lr"],
                              betas=tuple(t["betas"]), foreach=True)
 

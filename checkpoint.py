@@ -515,10 +515,10 @@ def load_model(path, dtype: torch.dtype = torch.float32, device="cpu",
 
 
 @torch.no_grad()
-def fill_weights(model: Transformer, reader: "CheckpointReader", whole_dtype=None):
-    """Copy the checkpoint into a materialised model, one tensor at a time. A sharded parameter
-    (an FSDP2 DTensor) keeps only this rank's shard of it, so no rank ever holds the whole model
-    twice; a whole parameter takes the tensor in `whole_dtype` (default: the parameter's own)."""
+def fill_weights(model: Transformer, reader: "CheckpointReader"):
+    """Copy the checkpoint into a materialised model, one tensor at a time, in each parameter's
+    own dtype. A sharded parameter (an FSDP2 DTensor) keeps only this rank's shard of it, so no
+    rank ever holds the whole model twice."""
     from torch.distributed.tensor import DTensor, distribute_tensor
     for name, p in model.named_parameters():
         local = p.to_local() if isinstance(p, DTensor) else p
@@ -526,10 +526,8 @@ def fill_weights(model: Transformer, reader: "CheckpointReader", whole_dtype=Non
         if isinstance(p, DTensor):  # every rank holds `full`: split it locally, no scatter
             local.copy_(distribute_tensor(full, p.device_mesh, p.placements,
                                           src_data_rank=None).to_local())
-        elif whole_dtype in (None, p.dtype):
-            p.copy_(full)
         else:
-            p.data = full.to(whole_dtype)
+            p.copy_(full)
         del full
 
 

@@ -656,7 +656,7 @@ def _build_cache(path: str, kind: str, tok: Tokenizer, L: int, final: str, meta:
 
 
 def cached_examples(path: str, kind: str, tokenizer: Tokenizer, max_seq_len: int, cache_dir: str,
-                    log=print) -> Examples:
+                    log=print, check=None) -> Examples:
     """load_examples' examples, tokenized once per (file content, tokenizer, kind, max_seq_len)
     and memory-mapped on every later start.
 
@@ -669,12 +669,16 @@ def cached_examples(path: str, kind: str, tokenizer: Tokenizer, max_seq_len: int
     contiguous slice of the records and rank 0 merges the parts in record order, so the arrays are
     byte-identical to one process's. Any rank's DataError is raised on every rank with the file and
     line of the first bad record, and nothing is published. Every node must see cache_dir.
+    `check(fingerprint)` ({"path", "size", "sha256"}), when given, runs on rank 0 as soon as the
+    file is hashed, before anything is tokenized; its DataError stops every rank.
     """
     _check_args(kind, max_seq_len)
     rank, world = rank_world()
 
     def fingerprint():
         size, sha = _sha256(path, "data file")
+        if check is not None:
+            check({"path": path, "size": size, "sha256": sha})
         return {"path": path, "size": size, "sha256": sha, "tokenizer": tokenizer.model_path,
                 "tokenizer_sha256": _sha256(tokenizer.model_path, "tokenizer model")[1]}
     meta = _on_ranks(fingerprint, everyone=False)[0]

@@ -643,8 +643,7 @@ def prepare_stage(cfg, idx, stage, init_path, tok, device) -> StageRun:
     stage_dir = os.path.join(cfg["out_dir"], name)
     rank, world, seed = dist.get_rank(), dist.get_world_size(), cfg["seed"]
     # All of the stage's data is read and validated before anything is built or trained.
-    examples = stage_examples(cfg, idx, stage, tok)
-    check_sources(stage_dir, name, examples.fingerprints)
+    examples = stage_examples(cfg, idx, stage, tok)  # refuses files changed under a resume
     sampler = data.StepSampler(len(examples), t["batch_size"], t["micro_batch_size"], world, rank,
                                seed, idx, t["epochs"])
     total = sampler.total_steps if not t["max_steps"] else min(t["max_steps"], sampler.total_steps)
@@ -678,9 +677,12 @@ def stage_examples(cfg, idx, stage, tok) -> data.Mixture:
     TRACE's replay baseline), mixed into the stage's batches. Earlier stages replay when their
     examples have the same shape: lm and sft into lm or sft, dpo into dpo."""
     quiet = (lambda *a, **k: None)
+    stage_dir = os.path.join(cfg["out_dir"], stage["name"])
+    # A file changed under a resumed stage is refused once hashed, before it is tokenized again.
+    unchanged = lambda fp: check_sources(stage_dir, stage["name"], [fp])  # noqa: E731
     load = lambda st, log_fn=log: data.cached_examples(  # noqa: E731
         st["data"], st["kind"], tok, cfg["model"]["max_seq_len"],
-        os.path.join(cfg["out_dir"], "tokenized"), log=log_fn if dist.get_rank() == 0 else quiet)
+        os.path.join(cfg["out_dir"], "tokenized"), log=log_fn, check=unchanged)
     own = load(stage)
     r, pairs = stage["train"]["replay"], stage["kind"] == "dpo"
     earlier = [st for st in cfg["stages"][:idx] if (st["kind"] == "dpo") == pairs]

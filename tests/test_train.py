@@ -457,9 +457,12 @@ def test_replay_counts_resume_and_a_changed_file_refused(world):
     assert torchrun(crash, env={"HFT_FAULT_AT": "trace:3"}, check=False).returncode != 0
     original = (world / "trace_r.json").read_bytes()
     (world / "trace_r.json").write_bytes(original.replace(b'"sort 0 2 1 :"', b'"sort 0 1 2 :"'))
+    cached = sorted(os.listdir(world / "replay_crash" / "tokenized"))
     p = torchrun(crash, check=False)
     assert p.returncode != 0 and "trace_r.json changed since the stage's checkpoints" in p.stderr, \
         p.stderr[-2000:]
+    # refused once hashed: the changed file was not tokenized into a new cache
+    assert sorted(os.listdir(world / "replay_crash" / "tokenized")) == cached
     (world / "trace_r.json").write_bytes(original)
     p = torchrun(crash)
     assert "resuming stage 'trace' from step 2/7" in p.stdout

@@ -529,7 +529,7 @@ class Examples:
     def __init__(self, directory: str):
         self.directory = directory
         try:
-            with open(os.path.join(directory, "meta.json")) as f:
+            with open(os.path.join(directory, "meta.json"), encoding="utf-8") as f:
                 self.meta = json.load(f)
             self._n, self.kind = int(self.meta["examples"]), self.meta["kind"]
             self._arrays = {side: self._load(side) for side in _sides(self.kind)}
@@ -645,7 +645,7 @@ def _build_cache(path: str, kind: str, tok: Tokenizer, L: int, final: str, meta:
 
         def publish():
             _merge_parts(tmp, kind, world)
-            with open(os.path.join(tmp, "meta.json"), "w") as f:
+            with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:
                 json.dump(meta, f, indent=2)
             replace_dir(tmp, final)  # replaces only ever an unreadable one: see cached_examples
         _on_ranks(publish, everyone=False)

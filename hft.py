@@ -326,7 +326,7 @@ def load_mask(path: str | os.PathLike) -> dict:
     """Read and check a mask.json written by save_mask; errors name the file and the key."""
     path = os.fspath(path)
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             mask = json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: "

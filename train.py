@@ -706,7 +706,7 @@ def check_sources(stage_dir: str, name: str, fingerprints: list[dict]):
     path = os.path.join(ckpts[-1], "data.json") if ckpts else ""
     if not os.path.exists(path):
         return
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         saved = {fp["path"]: fp for fp in json.load(f)}
     for fp in fingerprints:
         old = saved.get(fp["path"])
@@ -752,7 +752,7 @@ def trim_metrics(path: str, start: int):
     """Drop the lines of steps after the checkpoint a resumed stage continues from."""
     kept = []
     if os.path.exists(path):
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             kept = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= start]
     with atomic_file(path) as f:
         f.writelines(kept)
@@ -764,7 +764,8 @@ def train_loop(run: StageRun, tok, device) -> tuple[float, float]:
     pad_id = max(tok.pad_id, 0)
     stop = lambda: all_sum(_SIGTERM["hit"]) > 0  # noqa: E731  agreed by every rank
     tokens, train_time = 0.0, 0.0
-    mfile = open(os.path.join(run.dir, "metrics.jsonl"), "a") if dist.get_rank() == 0 else None
+    mfile = (open(os.path.join(run.dir, "metrics.jsonl"), "a", encoding="utf-8")
+             if dist.get_rank() == 0 else None)
     bar = tqdm(total=run.total, initial=run.start, desc=run.name, disable=dist.get_rank() != 0,
                dynamic_ncols=True)
     prev = signal.signal(signal.SIGTERM, _on_sigterm)
@@ -991,7 +992,7 @@ def read_json(path: str):
     """The JSON at path, or None when there is no file."""
     if not os.path.exists(path):
         return None
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         return json.load(f)
 
 
@@ -1004,7 +1005,7 @@ def record_config(cfg: dict, out: str):
         return
     path = os.path.join(out, "run_config.json")
     if os.path.exists(path):
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             old = dict(_flatten(json.load(f)))
         new = dict(_flatten(json.loads(json.dumps(cfg))))
         for key in sorted(old.keys() | new.keys()):
@@ -1051,7 +1052,7 @@ def check_shared_dir(path: str):
         write_json(probe, token[0])
     dist.barrier()
     try:
-        with open(probe) as f:
+        with open(probe, encoding="utf-8") as f:
             seen = json.load(f) == token[0]
     except OSError:
         seen = False

@@ -175,9 +175,9 @@ def build_base(a, files: list[str]) -> str:
                  os.path.join(ROOT, "logs", "base.log"), BASE)
         with open(key_file, "w") as f:
             f.write(key + "\n")
-    with open(summary) as f:
+    with open(summary, encoding="utf-8") as f:
         base_dir = os.path.join(BASE, json.load(f)["stages"][-1]["name"])
-    with open(os.path.join(BASE, "report.json")) as f:
+    with open(os.path.join(BASE, "report.json"), encoding="utf-8") as f:
         probes = json.load(f)["probes"]
     for row, general in zip(probes[KNOWLEDGE]["stages"], general_scores(probes)["stages"]):
         print(f"demo: base model after its stage '{row['stage']}': knowledge exact match "
@@ -211,9 +211,9 @@ def earlier_task_scores(R: list[list[float]]) -> list[float]:
 
 def read_run(out_dir: str, seconds: float) -> dict:
     """One run's numbers on a 0-100 scale, from train.py's report.json and summary.json."""
-    with open(os.path.join(out_dir, "report.json")) as f:
+    with open(os.path.join(out_dir, "report.json"), encoding="utf-8") as f:
         rep = json.load(f)
-    with open(os.path.join(out_dir, "summary.json")) as f:
+    with open(os.path.join(out_dir, "summary.json"), encoding="utf-8") as f:
         stages = json.load(f)["stages"]
     know, general = rep["probes"][KNOWLEDGE], general_scores(rep["probes"])
     last = know["stages"][-1]
@@ -388,7 +388,7 @@ def run_method(a, label: str, overrides: list[str], seed: int | None = None) -> 
 
 def base_report() -> dict:
     """The base model's scores: knowledge and general tasks after each of its stages."""
-    with open(os.path.join(BASE, "report.json")) as f:
+    with open(os.path.join(BASE, "report.json"), encoding="utf-8") as f:
         probes = json.load(f)["probes"]
     return {"pretrain_knowledge": probes[KNOWLEDGE]["stages"][0]["score"],
             "base_stages": [r["stage"] for r in probes[KNOWLEDGE]["stages"]],

@@ -2,6 +2,8 @@
 
 Everything a test needs is made here, on the fly: no downloads, no real weights.
 """
+import json
+import multiprocessing
 import os
 import random
 import sys
@@ -68,3 +70,42 @@ def tiny_ckpt(tmp_path, spm_path, tiny_args):
     m.init_weights(seed=0)
     save_model(m, str(tmp_path / "ckpt"), format="meta", tokenizer=spm_path)
     return str(tmp_path / "ckpt")
+
+
+def rank_main(rank, world, out_dir, body, args):
+    """One spawned rank: a gloo group of `world` ranks, then body(*args)'s JSON result written to
+    out_dir/rank{rank}.json."""
+    import torch.distributed as dist
+
+    import data
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/init", rank=rank,
+                            world_size=world)
+    try:
+        result = body(*args)
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(result, f)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    data.hard_exit(0)  # skip finalization: see data.hard_exit
+
+
+def run_ranks(tmp_path, body, *args, world=2, timeout=120) -> list:
+    """body(*args) on `world` spawned gloo ranks -> each rank's result. A rank still running after
+    the timeout waits in a collective the others never made: every such rank is killed, not only
+    the first, and the test fails naming them."""
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=rank_main, args=(r, world, str(tmp_path), body, args))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=timeout)
+    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    for r in hung:
+        procs[r].kill()
+    if hung:
+        pytest.fail(f"rank(s) {hung} hung: the ranks made different collective calls")
+    assert [p.exitcode for p in procs] == [0] * world
+    return [json.load(open(tmp_path / f"rank{r}.json")) for r in range(world)]

@@ -5,7 +5,6 @@ import hashlib
 import json
 import math
 import mmap
-import multiprocessing
 import os
 import random
 import re
@@ -16,7 +15,7 @@ import pytest
 import torch
 
 import data
-from conftest import WORDS
+from conftest import WORDS, run_ranks
 from data import IGNORE_INDEX, DataError
 
 
@@ -667,30 +666,21 @@ def test_cache_stale_temp_and_crashed_writer(tok, tmp_path, monkeypatch):
     assert os.listdir(cache) == []
 
 
-def _cache_worker(rank, world, init_file, out_dir, spm_path, jobs):
-    import torch.distributed as dist
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        tok = CountingTok(data.Tokenizer(spm_path))
-        result = []
-        for path, kind, L, cache in jobs:
-            logged, runs = [], []
-            for _ in range(2):  # build, then reuse
-                tok.calls = 0
-                try:
-                    ex = data.cached_examples(path, kind, tok, L, cache, log=logged.append)
-                    runs.append({"calls": tok.calls, "examples": [as_lists(e) for e in ex],
-                                 "dir": ex.directory})
-                except DataError as e:
-                    runs.append({"error": str(e)})
-            result.append({"runs": runs, "log": logged})
-        with open(os.path.join(out_dir, f"cache-rank{rank}.json"), "w") as f:
-            json.dump(result, f)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    data.hard_exit(0)  # skip finalization: see data.hard_exit
+def _cache_body(spm_path, jobs):
+    tok = CountingTok(data.Tokenizer(spm_path))
+    result = []
+    for path, kind, L, cache in jobs:
+        logged, runs = [], []
+        for _ in range(2):  # build, then reuse
+            tok.calls = 0
+            try:
+                ex = data.cached_examples(path, kind, tok, L, cache, log=logged.append)
+                runs.append({"calls": tok.calls, "examples": [as_lists(e) for e in ex],
+                             "dir": ex.directory})
+            except DataError as e:
+                runs.append({"error": str(e)})
+        result.append({"runs": runs, "log": logged})
+    return result
 
 
 def test_two_ranks_cache_byte_identical_and_errors_reach_all(spm_path, tmp_path):
@@ -709,20 +699,7 @@ def test_two_ranks_cache_byte_identical_and_errors_reach_all(spm_path, tmp_path)
     for p, kind, L, _ in jobs[:-2]:
         tk.calls = 0
         single[p] = (data.cached_examples(p, kind, tk, L, str(one), log=lambda *a: None), tk.calls)
-    ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_cache_worker, args=(r, 2, str(tmp_path / "init"), str(tmp_path),
-                                                     spm_path, jobs))
-             for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    for p in procs:
-        if p.is_alive():  # a rank left waiting in a collective
-            p.kill()
-            pytest.fail("a rank hung")
-        assert p.exitcode == 0
-    r0, r1 = (json.load(open(tmp_path / f"cache-rank{r}.json")) for r in range(2))
+    r0, r1 = run_ranks(tmp_path, _cache_body, spm_path, jobs)
     for (p, kind, L, _), j0, j1 in zip(jobs[:-2], r0, r1):
         ex, calls = single[p]
         (built0, reused0), (built1, reused1) = j0["runs"], j1["runs"]

@@ -2,7 +2,6 @@
 log-probabilities taken by hand, FSDP-safe evaluation over two ranks, and the report."""
 import json
 import math
-import multiprocessing
 import os
 import random
 
@@ -10,6 +9,7 @@ import pytest
 import torch
 
 import eval as ev
+from conftest import run_ranks
 
 
 # Metrics
@@ -559,45 +559,6 @@ class _EosAs:
 DIST_PROMPTS = PROMPTS + ["two"]
 
 
-def _rank_main(rank, world, out_dir, body, args):
-    """One spawned rank: a gloo group of `world` ranks, then body(*args)'s JSON result written to
-    out_dir/rank{rank}.json."""
-    import torch.distributed as dist
-
-    import data
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{out_dir}/init", rank=rank,
-                            world_size=world)
-    try:
-        result = body(*args)
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump(result, f)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    data.hard_exit(0)  # skip finalization: see data.hard_exit
-
-
-def _run_ranks(tmp_path, body, *args, world=2, timeout=120) -> list:
-    """body(*args) on `world` spawned gloo ranks -> each rank's result. A rank still running after
-    the timeout waits in a collective the others never made: every such rank is killed, not only
-    the first, and the test fails naming them."""
-    ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_rank_main, args=(r, world, str(tmp_path), body, args))
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=timeout)
-    hung = [r for r, p in enumerate(procs) if p.is_alive()]
-    for r in hung:
-        procs[r].kill()
-    if hung:
-        pytest.fail(f"rank(s) {hung} hung: the ranks made different collective calls")
-    assert [p.exitcode for p in procs] == [0] * world
-    return [json.load(open(tmp_path / f"rank{r}.json")) for r in range(world)]
-
-
 def _dist_body(args_dict, spm_path, files, stop):
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -646,7 +607,7 @@ def test_two_ranks_fsdp_match_one_process(tiny_args, tok, spm_path, tmp_path):
               "eos": ev.generate(model, _EosAs(tok, stop), DIST_PROMPTS[:4], max_new_tokens=6),
               "evals": {f: ev.evaluate_file(model, tok, f, batch_size=2)["score"] for f in files}}
     assert single["eos"][0] == "" and single["eos"][1] == single["gen"][1]
-    r0, r1 = _run_ranks(tmp_path, _dist_body, asdict(tiny_args), spm_path, files, stop)
+    r0, r1 = run_ranks(tmp_path, _dist_body, asdict(tiny_args), spm_path, files, stop)
     assert r0 == r1  # every rank gets all results, and made the same number of calls
     assert r0["fp32"]["gen"] == single["gen"] and r0["fp32"]["eos"] == single["eos"]
     for f in files:
@@ -736,7 +697,7 @@ def test_gathered_all_gathers_once_per_evaluation(tiny_args, tok, spm_path, tmp_
     model = _tiny_model(tiny_args)
     single = {"gen": ev.generate(model, tok, DIST_PROMPTS, 2, batch_size=2),
               "gen_budget": ev.generate(model, tok, DIST_PROMPTS, 6, batch_size=2)}
-    r0, r1 = _run_ranks(tmp_path, _gathered_body, asdict(tiny_args), spm_path)
+    r0, r1 = run_ranks(tmp_path, _gathered_body, asdict(tiny_args), spm_path)
     assert r0 == r1
     groups = tiny_args.n_layers + 1  # a group per block, and the root's (embeddings, norm, output)
     # One all-gather per parameter group per evaluation, however many tokens it generates

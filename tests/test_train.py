@@ -218,8 +218,45 @@ def test_fft_run_with_evals_writes_the_continual_report(world):
     assert (world / "fft" / "report.md").exists() and (world / "fft" / "base_eval.json").exists()
     # Re-running a finished run retrains nothing and rewrites the same report.
     p = torchrun(cfg, nproc=1)
+    # The first line says what the run runs on.
+    first = p.stdout.splitlines()[0]
+    assert first.startswith("hft: world size 1, backend gloo, device cpu (1 threads), compute "
+                            "float32 (train.precision = fp32)"), first
     assert "stage 'sft' is done" in p.stdout and "stage 'trace' is done" in p.stdout
     assert json.load(open(world / "fft" / "report.json")) == report
+
+
+def test_tokens_per_s_counts_tokens_without_padding():
+    import train
+    ex = lambda n: {"input_ids": list(range(n)), "labels": list(range(n))}  # noqa: E731
+    assert train.real_tokens([ex(3), ex(5)]) == 8  # collate pads them to 2 x 5 = 10
+    assert train.real_tokens([{"chosen": ex(4), "rejected": ex(7)}]) == 11  # both sides
+
+
+def _shared_dir_body(paths):
+    import torch.distributed as dist
+
+    import train
+    try:
+        train.check_shared_dir(paths[dist.get_rank()])
+    except train.ConfigError as e:
+        return str(e)
+    return None
+
+
+def test_out_dir_every_rank_cannot_see_stops_the_run_naming_the_ranks(tmp_path):
+    """check_shared_dir: rank 0 writes a token into out_dir, every rank reads it back. Here
+    rank 1's out_dir is another directory, as a node without the shared filesystem sees it."""
+    from conftest import run_ranks
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    (tmp_path / "run1").mkdir(), (tmp_path / "run2").mkdir()  # one process group each
+    assert run_ranks(tmp_path / "run1", _shared_dir_body, [str(a), str(a)]) == [None, None]
+    assert os.listdir(a) == []  # the token is removed
+    errors = run_ranks(tmp_path / "run2", _shared_dir_body, [str(a), str(b)])
+    host = socket.gethostname()
+    for e in errors:  # every rank stops, each naming its own out_dir and the rank that is blind
+        assert f"is not visible from rank 1 on {host}:" in e and "rank 0" not in e, e
 
 
 def test_bad_data_line_stops_the_stage_before_anything_is_written(world):

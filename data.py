@@ -936,10 +936,11 @@ def control_group():
     return _CONTROL["group"]
 
 
-def all_sum(x: float) -> float:
-    """Sum a host-side number over all ranks, over the CPU control group (no GPU sync)."""
+def all_sum(x: float, op=dist.ReduceOp.SUM) -> float:
+    """Sum (or reduce with `op`) a host-side number over all ranks, over the CPU control group
+    (no GPU sync)."""
     t = torch.tensor([float(x)], dtype=torch.float64)
-    dist.all_reduce(t, group=control_group())
+    dist.all_reduce(t, op=op, group=control_group())
     return t.item()
 
 

@@ -624,7 +624,7 @@ def run_stage(cfg, idx, stage, init_path, tok, device) -> dict:
     run = prepare_stage(cfg, idx, stage, init_path, tok, device)
     tokens, train_time = train_loop(run, tok, device)
     opt_bytes = all_sum(local_bytes(v for s in run.opt.state.values() for v in s.values()))
-    peak = all_sum(peak_memory(device)) / dist.get_world_size()
+    peak = all_sum(peak_memory(device), dist.ReduceOp.MAX)  # the rank nearest to running out
     export(run.model, run.reader, os.path.join(cfg["out_dir"], f".{run.name}.export"),
            run.t["export_format"], run.t["export_dtype"], cfg["model"]["tokenizer"])
     return {"model": run.model, "stats": {

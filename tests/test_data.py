@@ -809,3 +809,14 @@ def test_control_group_is_one_gloo_twin_per_process_group(tmp_path, monkeypatch)
                 assert reduced[-2:] == [(torch.device("cpu"), torch.float64, twin)] * 2
         finally:
             dist.destroy_process_group()
+
+
+def _reduce_body():
+    import torch.distributed as dist
+    r = dist.get_rank() + 1
+    return [data.all_sum(r), data.all_sum(r, dist.ReduceOp.MAX)]
+
+
+def test_all_sum_sums_or_takes_the_max_over_ranks(tmp_path):
+    """The stage summary's peak memory is the largest rank's (ReduceOp.MAX), not a mean."""
+    assert run_ranks(tmp_path, _reduce_body) == [[3.0, 2.0], [3.0, 2.0]]

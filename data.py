@@ -658,9 +658,7 @@ def _build_cache(path: str, kind: str, tok: Tokenizer, L: int, final: str, meta:
 def cached_examples(path: str, kind: str, tokenizer: Tokenizer, max_seq_len: int, cache_dir: str,
                     log=print, check=None) -> Examples:
     """load_examples' examples, tokenized once per (file content, tokenizer, kind, max_seq_len)
-    and memory-mapped on every later start.
-
-    The arrays live in `<cache_dir>/<file stem>-<kind>-<max_seq_len>-<key>/`, the key hashing the
+    and memory-mapped on every later start. The arrays live in `<cache_dir>/<file stem>-<kind>-<max_seq_len>-<key>/`, the key hashing the
     data file's sha256, the tokenizer.model's sha256, kind, max_seq_len and CACHE_VERSION:
     `input_ids.npy` and `labels.npy` (flat int32, IGNORE_INDEX where no loss), `offsets.npy`
     (int64, examples + 1; example i is [offsets[i], offsets[i+1])), for dpo `chosen_*` and
